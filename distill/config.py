@@ -1,0 +1,258 @@
+"""Typed experiment configuration.
+
+Dataclasses are the schema; YAML experiment files hold only what differs from
+the defaults (with at most one ``base:`` level); ``a.b=c`` overrides come from
+the command line. Loading goes through OmegaConf structured configs, so an
+unknown key or a value of the wrong type fails with a :class:`ConfigError`
+naming the key and the closest valid key.
+
+    cfg = load_config("configs/shapes/world.yaml", ["world.num_train=100"])
+    save_config(cfg, out_dir / "config.yaml")   # reloads to the same config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line."""
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class WorldConfig:
+    """The embedded synthetic open-vocabulary world (distill/data/synthetic.py)."""
+
+    root: str = "data/shapes"  # worlds are cached under root/<fingerprint>/
+    seed: int = 0
+    num_train: int = 2000
+    num_val: int = 300
+    image_size: int = 160  # square images, pixels
+    min_objects: int = 1
+    max_objects: int = 6
+    min_object_size: int = 24  # object bounding-square side, pixels
+    max_object_size: int = 64
+    num_novel: int = 4  # novel object classes drawn with split_seed ...
+    split_seed: int = 0
+    novel: list[str] = field(default_factory=list)  # ... unless named explicitly
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen open_clip model (distill/teacher/)."""
+
+    model: str = "ViT-B-32"  # open_clip model name (or the model name inside model_config)
+    pretrained: str | None = None  # local file, open_clip tag, or None (random weights)
+    model_config: str | None = None  # custom model JSON registered with open_clip
+    templates: str = "openai_imagenet"  # prompt template set (see distill/teacher/prompts.py)
+    region_mode: str = "crop"  # crop (ViLD: 1x + 1.5x crops) | dense (RoIAlign on dense map)
+    crop_scales: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    dense_mode: str = "maskclip"  # maskclip (keep residual + MLP) | clearclip (drop both)
+    batch_size: int = 256  # crops per encoder call
+    device: str = "cpu"
+
+
+@dataclass
+class CacheConfig:
+    """The offline teacher-embedding store (distill/cache.py, tools/extract.py)."""
+
+    root: str = "data/cache"  # stores live under root/<name>/
+    name: str = "shapes_train"
+    split: str = "train"  # which split of the dataset to extract
+    dtype: str = "float16"  # float16 | int8 (per-vector scale)
+    shard_size: int = 256  # images per shard
+    proposals: str = "gt"  # gt | jitter | <path to a proposals file> | rpn
+    num_proposals: int = 300  # per image (top-scoring)
+    jitter: float = 0.1  # box jitter (fraction of box size) for proposals=jitter
+    store_dense: bool = False  # also store the dense embedding map per image
+
+
+@dataclass
+class PretrainConfig:
+    """Contrastive pretraining of the tiny teacher on the synthetic world's captions."""
+
+    output: str = "configs/shapes/teacher/tiny_teacher.safetensors"
+    iters: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_iters: int = 100
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"  # step | cosine
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001  # lr multiplier at iteration 0 of the linear warm-up
+    steps: list[int] = field(default_factory=list)  # step: iterations where lr *= gamma
+    gamma: float = 0.1
+    min_lr_factor: float = 0.0  # cosine: final lr = lr * min_lr_factor
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 1000
+    batch_size: int = 2  # per process
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    clip_grad_norm: float = 0.0  # 0 disables clipping
+    amp: bool = False  # autocast; bf16 on CPU is ~6x slower than fp32 on AVX2-only CPUs
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16
+    log_period: int = 20
+    eval_period: int = 0  # 0: evaluate only at the end
+    checkpoint_period: int = 500
+    keep_checkpoints: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    output_dir: str = "outputs/default"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    """All dotted keys of a structured config (leaves and sections)."""
+    keys = []
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            key = f"{prefix}{f.name}"
+            keys.append(key)
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                keys.extend(_valid_keys(value, key + "."))
+    return keys
+
+
+def _closest(key: str, schema: type) -> str:
+    valid = _valid_keys(schema())
+    leaf = key.rsplit(".", 1)[-1]
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:  # try the last component against the same section's keys
+        section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        same = [k for k in valid if k.startswith(section) and "." not in k[len(section):]]
+        match = [section + m for m in difflib.get_close_matches(
+            leaf, [k[len(section):] for k in same], n=1, cutoff=0.4)]
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _explain(err: OmegaConfBaseException, source: str, schema: type) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        return ConfigError(f"{source}: unknown config key '{key}'{_closest(key, schema)}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: DictConfig, data: dict, source: str, schema: type) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as e:
+        raise _explain(e, source, schema) from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    schema: type = ExperimentConfig,
+) -> Any:
+    """Defaults <- ``base:`` file <- ``path`` <- ``overrides``; returns a schema instance.
+
+    ``base`` is resolved relative to the file that names it; a base file may not
+    name another base.
+    """
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        path = Path(path)
+        data = _read_yaml(path)
+        base = data.pop("base", None)
+        if base is not None:
+            base_path = (path.parent / base).resolve()
+            base_data = _read_yaml(base_path)
+            if "base" in base_data:
+                raise ConfigError(f"{base_path}: a base config may not name another base")
+            cfg = _merge(cfg, base_data, str(base_path), schema)
+        cfg = _merge(cfg, data, str(path), schema)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override '{item}'", schema) from None
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path or "config"), schema) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the fully resolved config as YAML; ``load_config(path)`` gives it back."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

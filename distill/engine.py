@@ -1,0 +1,458 @@
+"""The plain, iteration-based training loop shared by every student.
+
+No hooks: :func:`train` runs ``max_iters`` steps of
+
+    losses = loss_fn(model, batch)          # dict name -> weighted scalar loss
+    sum(losses.values()).backward(); clip; optimizer.step(); scheduler.step()
+
+with logging (tqdm bar, ``metrics.jsonl``, TensorBoard scalars), periodic
+evaluation and atomic checkpoints. ``resume=True`` continues from the last
+checkpoint and, on CPU with a fixed seed, reaches the same weights as an
+uninterrupted run: the sampler is a pure function of (seed, iteration) and every
+RNG state is checkpointed. Datasets that augment should draw their randomness
+from the sample index (or the restored global RNG with ``num_workers=0``).
+
+Distributed data parallel: launch the same command under ``torchrun``; each
+rank reads its own slice of every global batch, gradients are averaged, and
+only rank 0 writes files.
+
+Checkpoint layout (``output_dir/checkpoints``)::
+
+    iter_0000500/model.safetensors   weights (safetensors)
+    iter_0000500/state.pt            optimizer, scheduler, iteration, RNG
+                                     (plain tensors/containers: weights_only-safe)
+    last_checkpoint                  name of the newest complete checkpoint
+
+A checkpoint directory is written under a temporary name and renamed when
+complete; ``last_checkpoint`` is replaced atomically afterwards, so a kill at
+any moment leaves the previous checkpoint valid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from distill.config import OptimConfig, ScheduleConfig, TrainConfig, atomic_write_text
+
+LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the message names the term and iteration."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Join the process group when launched by torchrun; returns (rank, world_size)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------- seeding / RNG
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
+                  "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[-1], tuple(py[:-1]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+class IterationSampler(Sampler[int]):
+    """Endless stream of dataset indices, a pure function of (seed, position).
+
+    Epoch ``e`` is ``randperm(n)`` drawn from a generator seeded with
+    ``seed + e``. The global stream is cut into batches of
+    ``batch_size * world_size``; rank ``r`` reads items ``r*batch_size ..`` of
+    each, so starting at ``start_iter`` reproduces exactly what an
+    uninterrupted run would have read from that iteration on.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, start_iter: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start_iter, self.rank, self.world_size, self.shuffle = (
+            start_iter, rank, world_size, shuffle)
+
+    def _global_index(self, pos: int) -> int:
+        epoch, offset = divmod(pos, self.size)
+        if not self.shuffle:
+            return offset
+        if getattr(self, "_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._epoch = torch.randperm(self.size, generator=g).tolist(), epoch
+        return self._perm[offset]
+
+    def __iter__(self) -> Iterator[int]:
+        it = self.start_iter
+        global_batch = self.batch_size * self.world_size
+        while True:
+            base = it * global_batch + self.rank * self.batch_size
+            for k in range(self.batch_size):
+                yield self._global_index(base + k)
+            it += 1
+
+
+def build_loader(dataset: Dataset, cfg: TrainConfig, start_iter: int = 0,
+                 collate_fn: Callable | None = None) -> DataLoader:
+    sampler = IterationSampler(len(dataset), cfg.batch_size, cfg.seed, start_iter,
+                               get_rank(), get_world_size())
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                      num_workers=cfg.num_workers, collate_fn=collate_fn,
+                      persistent_workers=cfg.num_workers > 0,
+                      # its own generator: creating the iterator must not consume the
+                      # global RNG, or a resumed run's dropout/augmentation would drift
+                      generator=torch.Generator().manual_seed(cfg.seed + start_iter))
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                 weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optim.name: unknown optimizer '{cfg.name}' (valid: sgd, adamw)")
+
+
+def lr_factor(it: int, cfg: ScheduleConfig, max_iters: int) -> float:
+    """Multiplier of the base lr at iteration ``it`` (0-based): linear warm-up then step/cosine."""
+    if cfg.name == "step":
+        factor = cfg.gamma ** sum(it >= s for s in cfg.steps)
+    elif cfg.name == "cosine":
+        t = min(it / max(max_iters, 1), 1.0)
+        factor = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+    else:
+        raise ValueError(f"train.schedule.name: unknown schedule '{cfg.name}' (valid: step, cosine)")
+    if it < cfg.warmup_iters:
+        alpha = it / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    lr_factor(0, cfg.schedule, cfg.max_iters)  # validate the name now, not mid-run
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, cfg.schedule, cfg.max_iters))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _ckpt_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    root = _ckpt_root(output_dir)
+    pointer = root / "last_checkpoint"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "model.safetensors").is_file() or not (path / "state.pt").is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def save_checkpoint(output_dir, model, optimizer, scheduler, iteration: int, keep: int = 2) -> Path:
+    """Write ``checkpoints/iter_XXXXXXX`` atomically and point ``last_checkpoint`` at it."""
+    root = _ckpt_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"iter_{iteration:07d}"
+    final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(unwrap(model), str(tmp / "model.safetensors"))
+        state = {"iteration": iteration, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+        torch.save(state, tmp / "state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "last_checkpoint", name + "\n")
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+    """Load safetensors weights into ``model``; a mismatch names the file and the keys."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        missing, unexpected = load_model(unwrap(model), str(path), strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"{path}: does not fit {type(unwrap(model)).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - not a safetensors file at all
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({e})") from None
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path}: does not fit {type(unwrap(model)).__name__}: missing keys "
+            f"{sorted(missing)[:3]}, unexpected keys {sorted(unexpected)[:3]}")
+
+
+def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> int:
+    """Restore a checkpoint directory; returns the iteration it was written at."""
+    load_weights(model, path)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path / 'state.pt'}: unreadable training state ({e})") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["iteration"])
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON record per line) plus TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, output_dir: Path, start_iter: int, enabled: bool = True,
+                 tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():  # drop records a killed run wrote after its last checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iter", 0) <= start_iter]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_iter + 1)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "iter" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, record["iter"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= get_world_size()
+    return dict(zip(losses.keys(), values.tolist(), strict=True))
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    output_dir: str | os.PathLike,
+    *,
+    collate_fn: Callable | None = None,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    resume: bool = False,
+    tensorboard: bool = True,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train ``model`` for ``cfg.max_iters`` iterations; returns the last evaluation.
+
+    ``loss_fn(model, batch)`` returns a dict of already-weighted scalar losses,
+    summed for the backward pass. ``evaluate(model)`` (called on rank 0 with the
+    unwrapped model in eval mode) returns metrics, logged and written to
+    ``output_dir/metrics.json`` at the end.
+
+    Raises :class:`NonFiniteLossError` naming the term and iteration when a loss
+    is NaN/inf; nothing is written for that iteration, so the last checkpoint
+    stays the last good state.
+    """
+    output_dir = Path(output_dir)
+    rank, world = init_distributed(cfg.device)
+    device = torch.device(cfg.device)
+    seed_all(cfg.seed)  # identical initial weights on every rank
+    model.to(device).train()
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    start_iter = 0
+    if resume:
+        ckpt = last_checkpoint(output_dir)
+        if ckpt is not None:
+            start_iter = load_checkpoint(ckpt, model, optimizer, scheduler)
+            if rank == 0:
+                tqdm.write(f"resumed from {ckpt} (iteration {start_iter})")
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log = MetricsLog(output_dir, start_iter, enabled=rank == 0, tensorboard=tensorboard)
+
+    amp = torch.autocast(device.type, dtype=getattr(torch, cfg.amp_dtype), enabled=cfg.amp)
+    loader = iter(build_loader(dataset, cfg, start_iter, collate_fn))
+    bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
+               disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    t_last = time.perf_counter()
+    try:
+        for it in bar:
+            batch = next(loader)
+            with amp:
+                losses = loss_fn(model, batch)
+            values = _reduce_losses(losses)
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    last = last_checkpoint(output_dir)
+                    raise NonFiniteLossError(
+                        f"loss term '{name}' is {value} at iteration {it + 1}; stopped. "
+                        f"Last good checkpoint: {last if last else 'none written yet'}")
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            done = it + 1
+
+            if done % cfg.log_period == 0 or done == cfg.max_iters:
+                now = time.perf_counter()
+                record = {"iter": done, "lr": optimizer.param_groups[0]["lr"],
+                          "loss": sum(values.values()), **values,
+                          "time_per_iter": (now - t_last) / cfg.log_period}
+                t_last = now
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if evaluate is not None and (
+                    (cfg.eval_period and done % cfg.eval_period == 0) or done == cfg.max_iters):
+                metrics = _evaluate(model, evaluate)
+                log.write({"iter": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+                if rank == 0 and metrics:
+                    tqdm.write(f"iter {done}: " + ", ".join(
+                        f"{k}={v:.4f}" for k, v in metrics.items()))
+            if rank == 0 and (done % cfg.checkpoint_period == 0 or done == cfg.max_iters):
+                save_checkpoint(output_dir, model, optimizer, scheduler, done,
+                                cfg.keep_checkpoints)
+            barrier()
+    finally:
+        bar.close()
+        log.close()
+    if rank == 0:
+        save_model(unwrap(model), str(output_dir / ".model_final.tmp"))
+        os.replace(output_dir / ".model_final.tmp", output_dir / "model_final.safetensors")
+        if metrics:
+            atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _evaluate(model: torch.nn.Module, evaluate: Callable) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if get_rank() == 0:
+        inner = unwrap(model)
+        inner.eval()
+        with torch.no_grad():
+            metrics = evaluate(inner)
+        inner.train()
+    barrier()
+    return metrics
+

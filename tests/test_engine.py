@@ -1,0 +1,157 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.config import ScheduleConfig
+from distill.engine import (CheckpointError, IterationSampler, NonFiniteLossError,
+                            last_checkpoint, load_checkpoint, load_weights, lr_factor, train)
+from tests.engine_fixtures import Points, make_model, mse, small_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sampler_is_a_function_of_position_and_shards_ranks():
+    full = IterationSampler(10, batch_size=3, seed=1)
+    it = iter(full)
+    stream = [next(it) for _ in range(30)]
+    # each block of 10 is a permutation (one epoch)
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    late = iter(IterationSampler(10, batch_size=3, seed=1, start_iter=4))
+    assert [next(late) for _ in range(6)] == stream[12:18]
+    r0 = iter(IterationSampler(10, batch_size=2, seed=1, rank=0, world_size=2))
+    r1 = iter(IterationSampler(10, batch_size=2, seed=1, rank=1, world_size=2))
+    a, b = [next(r0) for _ in range(4)], [next(r1) for _ in range(4)]
+    glob = iter(IterationSampler(10, batch_size=4, seed=1))
+    g = [next(glob) for _ in range(8)]
+    assert a[:2] + b[:2] == g[:4] and a[2:] + b[2:] == g[4:]
+
+
+def test_lr_schedule_warmup_step_and_cosine():
+    s = ScheduleConfig(name="step", warmup_iters=10, warmup_factor=0.1, steps=[20, 30], gamma=0.1)
+    assert lr_factor(0, s, 40) == pytest.approx(0.1)
+    assert lr_factor(5, s, 40) == pytest.approx(0.1 * 0.5 + 0.5)
+    assert lr_factor(10, s, 40) == 1.0
+    assert lr_factor(25, s, 40) == pytest.approx(0.1)
+    assert lr_factor(35, s, 40) == pytest.approx(0.01)
+    c = ScheduleConfig(name="cosine", warmup_iters=0, min_lr_factor=0.0)
+    assert lr_factor(50, c, 100) == pytest.approx(0.5)
+    assert lr_factor(100, c, 100) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        lr_factor(0, ScheduleConfig(name="linear"), 10)
+
+
+def test_train_writes_metrics_checkpoints_and_learns(tmp_path):
+    model = make_model()
+    before = mse(model.eval(), (Points().x, Points().y))["loss_mse"].item()
+    metrics = train(model, mse, Points(), small_cfg(max_iters=40, clip_grad_norm=5.0), tmp_path, progress=False,
+                    evaluate=lambda m: {"mse": mse(m, (Points().x, Points().y))["loss_mse"].item()})
+    assert metrics["mse"] < 0.5 * before
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_iters = [r["iter"] for r in records if "loss_mse" in r]
+    assert train_iters == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert records[-1] == {"iter": 40, "eval/mse": metrics["mse"]}
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*"))
+    assert ckpts == ["iter_0000030", "iter_0000035", "iter_0000040"]  # keep_checkpoints=3
+    assert last_checkpoint(tmp_path).name == "iter_0000040"
+    assert list((tmp_path / "tensorboard").glob("events.*"))
+    final = load_file(tmp_path / "model_final.safetensors")
+    assert torch.equal(final["3.weight"], model[3].weight.detach())
+    state = torch.load(tmp_path / "checkpoints/iter_0000040/state.pt", weights_only=True)
+    assert state["iteration"] == 40
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = make_model()
+    train(full, mse, Points(), small_cfg(), tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+
+    def crashing(model, batch):  # dies during iteration 13, after checkpoint 10
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise Crash
+        return mse(model, batch)
+
+    part = make_model()
+    with pytest.raises(Crash):
+        train(part, crashing, Points(), small_cfg(), tmp_path / "part", progress=False)
+    assert last_checkpoint(tmp_path / "part").name == "iter_0000010"
+    resumed = make_model(seed=99)  # different init: everything must come from the checkpoint
+    train(resumed, mse, Points(), small_cfg(), tmp_path / "part", resume=True, progress=False)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    lines = lambda d: (tmp_path / d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    strip = lambda ls: [{k: v for k, v in json.loads(x).items() if k != "time_per_iter"}  # noqa: E731
+                        for x in ls]
+    assert strip(lines("full")) == strip(lines("part"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def nan_at_7(model, batch):
+        calls["n"] += 1
+        out = mse(model, batch)
+        if calls["n"] == 7:
+            out["loss_box"] = torch.tensor(float("nan"))
+        return out
+
+    model = make_model()
+    with pytest.raises(NonFiniteLossError) as e:
+        train(model, nan_at_7, Points(), small_cfg(), tmp_path, progress=False)
+    msg = str(e.value)
+    assert "'loss_box'" in msg and "iteration 7" in msg and "iter_0000005" in msg
+    assert "\n" not in msg
+    ckpt = last_checkpoint(tmp_path)
+    assert ckpt.name == "iter_0000005"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    fresh = make_model(seed=5)
+    assert load_checkpoint(ckpt, fresh) == 5
+
+
+def test_load_weights_rejects_other_architecture_and_pickles(tmp_path):
+    model = make_model()
+    train(model, mse, Points(), small_cfg(max_iters=5), tmp_path, progress=False,
+          tensorboard=False)
+    other = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    with pytest.raises(CheckpointError, match="model_final.safetensors: does not fit Sequential"):
+        load_weights(other, tmp_path / "model_final.safetensors")
+    fake = tmp_path / "evil.safetensors"
+    torch.save({"a": torch.zeros(1)}, fake)  # a pickle posing as a checkpoint
+    with pytest.raises(CheckpointError, match="evil.safetensors: not a safetensors checkpoint"):
+        load_weights(model, fake)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_weights(model, tmp_path / "nope.safetensors")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_match_single_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", str(ROOT / "tests/engine_fixtures.py"), str(tmp_path / "ddp"),
+           "2"]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    r0 = load_file(tmp_path / "ddp/rank0.safetensors")
+    r1 = load_file(tmp_path / "ddp/rank1.safetensors")
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    # the same optimisation in one process with the global batch (2 ranks x 2)
+    single = [sys.executable, str(ROOT / "tests/engine_fixtures.py"), str(tmp_path / "one"), "4"]
+    subprocess.run(single, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    one = load_file(tmp_path / "one/rank0.safetensors")
+    init = make_model().state_dict()
+    for k in r0:
+        assert torch.allclose(r0[k], one[k], atol=1e-5), k
+        assert not torch.equal(r0[k], init[k])
