@@ -9,8 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 from distill.config import ScheduleConfig
-from distill.engine import (CheckpointError, IterationSampler, NonFiniteLossError,
-                            last_checkpoint, load_checkpoint, load_weights, lr_factor, train)
+from distill.engine import (
+    CheckpointError,
+    IterationSampler,
+    NonFiniteLossError,
+    last_checkpoint,
+    load_checkpoint,
+    load_weights,
+    lr_factor,
+    train,
+)
 from tests.engine_fixtures import Points, make_model, mse, small_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

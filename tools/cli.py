@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from distill.config import ConfigError, load_config
 from distill.engine import CheckpointError, NonFiniteLossError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Errors caused by the user's input: reported as one line (no traceback unless --debug).
 USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError)
@@ -15,7 +18,8 @@ USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundErr
 
 def config_parser(description: str, default_config: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=default_config, help="YAML experiment file")
+    p.add_argument("--config", default=str(REPO / default_config),
+                   help=f"YAML experiment file (default: {default_config})")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.max_iters=100")
