@@ -1,0 +1,232 @@
+"""COCO-format detection datasets: real COCO / LVIS and the embedded synthetic world.
+
+One sample dict per image, shared by extraction, student training and evaluation::
+
+    ds = CocoDetection(instances_json, image_dir, with_masks=True)
+    s = ds[0]
+    s["image"]         (3, H, W) uint8 RGB
+    s["boxes"]         (N, 4) float32 xyxy pixels (crowd annotations left out)
+    s["labels"]        (N,) int64, 1 + index into ds.categories (0 = background)
+    s["category_ids"]  (N,) int64 dataset category ids
+    s["masks"]         (N, H, W) uint8 (with_masks only)
+    loader = DataLoader(ds, batch_size=2, collate_fn=collate)   # batches are lists
+
+``dataset_paths(cfg, split)`` gives the (instances JSON, image dir) of a split:
+``cfg.data``'s paths when set, else the synthetic world of ``cfg.world``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from distill.config import ConfigError, ExperimentConfig
+
+
+class DatasetError(ValueError):
+    """An annotation file or image cannot be used; the message is one line naming the file."""
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file (JPEG/PNG/...) with PIL -> (3, H, W) uint8 RGB (grey, RGBA,
+    palette converted; EXIF orientation ignored, as COCO annotations are on the raw pixels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DatasetError(f"cannot decode image {path}: {why}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_instances(path: str | os.PathLike) -> dict:
+    """Parse a COCO instances JSON and check its top-level structure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"instances JSON not found: {path}")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: malformed JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: not a COCO instances file (top level is {type(data).__name__})")
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise DatasetError(f"{path}: not a COCO instances file (no list {', '.join(missing)})")
+    return data
+
+
+def dataset_id(instances_json: str | os.PathLike) -> str:
+    """16 hex digits of the sha256 of the instances file's bytes (identifies the annotations)."""
+    sha = hashlib.sha256()
+    with open(instances_json, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
+
+
+def xywh_to_xyxy(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y + h]
+
+
+def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Polygons, uncompressed or compressed RLE -> (height, width) uint8 in {0, 1}."""
+    if isinstance(segmentation, list):  # polygons [[x, y, ...], ...]
+        polys = [p for p in segmentation if len(p) >= 6]
+        if not polys:
+            return np.zeros((height, width), np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+class CocoDetection(Dataset):
+    """A COCO-format instances file plus its image directory.
+
+    ``category_ids`` restricts the categories to those ids, in that order (labels
+    follow it); annotations of other categories are dropped, every image is kept.
+    Crowd annotations (``iscrowd=1``) are not boxes: their xyxy boxes are in
+    ``crowd_boxes (M, 4)``. Boxes with zero width or height are dropped.
+    ``ids``: image ids in file order; ``categories``: the category dicts (with a
+    ``split`` tag where the file has one, as the synthetic world's does).
+    """
+
+    def __init__(self, instances_json: str | os.PathLike, image_dir: str | os.PathLike,
+                 category_ids: Sequence[int] | None = None, with_masks: bool = False) -> None:
+        self.instances_json = Path(instances_json)
+        self.image_dir = Path(image_dir)
+        self.with_masks = with_masks
+        data = read_instances(self.instances_json)
+        where = self.instances_json
+        try:
+            cats = {int(c["id"]): c for c in data["categories"]}
+            if category_ids is None:
+                category_ids = [int(c["id"]) for c in data["categories"]]
+            unknown = [c for c in category_ids if int(c) not in cats]
+            if unknown:
+                raise DatasetError(f"{where}: category ids {unknown[:10]} are not in the file")
+            self.categories: list[dict] = [cats[int(c)] for c in category_ids]
+            self.label_of: dict[int, int] = {int(c): i + 1 for i, c in enumerate(category_ids)}
+            self.images: list[dict] = data["images"]
+            self.ids: list[int] = [int(im["id"]) for im in self.images]
+            self._index = {image_id: i for i, image_id in enumerate(self.ids)}
+            if len(self._index) != len(self.ids):
+                raise DatasetError(f"{where}: image ids repeat")
+            self.anns: list[list[dict]] = [[] for _ in self.ids]
+            for a in data["annotations"]:
+                if int(a["category_id"]) in self.label_of:
+                    i = self._index.get(int(a["image_id"]))
+                    if i is None:
+                        raise DatasetError(f"{where}: annotation {a.get('id')} names unknown "
+                                           f"image {a['image_id']}")
+                    self.anns[i].append(a)
+        except (KeyError, TypeError) as e:
+            raise DatasetError(f"{where}: malformed COCO record (missing or bad field {e})") from None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def names(self) -> list[str]:
+        """Category names in label order (label = index + 1)."""
+        return [c["name"] for c in self.categories]
+
+    def index(self, image_id: int) -> int:
+        return self._index[image_id]
+
+    def image_path(self, i: int) -> Path:
+        info = self.images[i]
+        name = info.get("file_name") or info["coco_url"].rsplit("/", 1)[-1]  # LVIS v1: no file_name
+        return self.image_dir / name
+
+    def _kept(self, i: int) -> tuple[list[dict], list[dict]]:
+        """(box annotations, crowd annotations) of image ``i``."""
+        kept, crowd = [], []
+        for a in self.anns[i]:
+            if a.get("iscrowd", 0):
+                crowd.append(a)
+            elif a["bbox"][2] > 0 and a["bbox"][3] > 0:
+                kept.append(a)
+        return kept, crowd
+
+    def targets(self, i: int) -> dict[str, Any]:
+        """The annotations of image ``i`` without decoding pixels (no ``image``, ``masks``)."""
+        info = self.images[i]
+        kept, crowd = self._kept(i)
+        cat_ids = [int(a["category_id"]) for a in kept]
+        return {
+            "image_id": self.ids[i],
+            "file_name": str(self.image_path(i)),
+            "height": int(info["height"]),
+            "width": int(info["width"]),
+            "boxes": torch.tensor([xywh_to_xyxy(a["bbox"]) for a in kept],
+                                  dtype=torch.float32).reshape(-1, 4),
+            "category_ids": torch.tensor(cat_ids, dtype=torch.int64),
+            "labels": torch.tensor([self.label_of[c] for c in cat_ids], dtype=torch.int64),
+            "ann_ids": torch.tensor([int(a.get("id", -1)) for a in kept], dtype=torch.int64),
+            "crowd_boxes": torch.tensor([xywh_to_xyxy(a["bbox"]) for a in crowd],
+                                        dtype=torch.float32).reshape(-1, 4),
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample dict (see the module docstring) for the i-th image of ``ids``."""
+        out = self.targets(i)
+        image = load_image(out["file_name"])
+        h, w = out["height"], out["width"]
+        if tuple(image.shape[1:]) != (h, w):
+            raise DatasetError(f"image {out['file_name']} is {image.shape[1]}x{image.shape[2]} "
+                               f"(HxW) but {self.instances_json.name} says {h}x{w}")
+        out["image"] = image
+        if self.with_masks:
+            masks = [decode_mask(a["segmentation"], h, w) if a.get("segmentation")
+                     else np.zeros((h, w), np.uint8) for a in self._kept(i)[0]]
+            out["masks"] = (torch.from_numpy(np.stack(masks)) if masks
+                            else torch.zeros(0, h, w, dtype=torch.uint8))
+        return out
+
+    def __repr__(self) -> str:
+        return (f"CocoDetection({str(self.instances_json)!r}, {len(self)} images, "
+                f"{len(self.categories)} categories)")
+
+
+def collate(batch: list[dict]) -> list[dict]:
+    """Detection batches are lists of sample dicts (images differ in size)."""
+    return list(batch)
+
+
+def dataset_paths(cfg: ExperimentConfig, split: str) -> tuple[Path, Path]:
+    """(instances JSON, image dir) of ``split`` ("train" | "val"; synthetic also "train_all").
+
+    ``cfg.data.<split>_instances`` / ``_images`` when set; otherwise the synthetic
+    world of ``cfg.world``, generated on first use.
+    """
+    if split in ("train", "val"):
+        ann, img = getattr(cfg.data, f"{split}_instances"), getattr(cfg.data, f"{split}_images")
+        if (ann is None) != (img is None):
+            raise ConfigError(f"set both data.{split}_instances and data.{split}_images, or neither")
+        if ann is not None:
+            return Path(ann), Path(img)
+    elif split != "train_all":
+        raise ConfigError(f"unknown split '{split}' (expected train or val)")
+    elif cfg.data.train_instances is not None:
+        raise ConfigError("split 'train_all' exists only for the synthetic world")
+    from distill.data.synthetic import generate_world  # cv2 etc. only when needed
+    world = generate_world(cfg.world, progress=False)
+    return world.instances[split], world.images["train" if split == "train_all" else split]
