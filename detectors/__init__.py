@@ -1,0 +1,46 @@
+"""Student detectors: one flat ``name -> builder`` dict.
+
+    model = build_detector(**dataclasses.asdict(cfg.model), embed_dim=teacher.embed_dim)
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from detectors.backbones import resnet_fpn
+from detectors.vild import ViLD, build_vild
+
+
+def vild_r18_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
+                 backbone_weights: str | None = None, image_size: int = 160, **kwargs) -> ViLD:
+    """Small ResNet-18/FPN ViLD student for the embedded world (strides 8-64, from scratch)."""
+    backbone = resnet_fpn(18, (2, 3, 4), fpn_channels, norm, backbone_weights)
+    return build_vild(backbone, embed_dim, min_size=image_size, max_size=image_size,
+                      anchor_sizes=((16,), (32,), (64,), (128,)), featmap_names=("0", "1", "2"),
+                      **kwargs)
+
+
+def vild_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_bn",
+                 backbone_weights: str | None = None, image_size: int = 1024,
+                 **kwargs) -> ViLD:
+    """ViLD's R50-FPN student for COCO/LVIS (ImageNet backbone weights from a local file)."""
+    backbone = resnet_fpn(50, (1, 2, 3, 4), fpn_channels, norm, backbone_weights,
+                          trainable_layers=3 if backbone_weights else 5)
+    return build_vild(backbone, embed_dim, min_size=image_size, max_size=image_size,
+                      anchor_sizes=((32,), (64,), (128,), (256,), (512,)),
+                      featmap_names=("0", "1", "2", "3"), **kwargs)
+
+
+BUILDERS = {"vild_r18_fpn": vild_r18_fpn, "vild_r50_fpn": vild_r50_fpn}
+
+
+def build_detector(name: str, **kwargs) -> ViLD:
+    if name not in BUILDERS:
+        close = difflib.get_close_matches(name, BUILDERS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"model.name: unknown detector '{name}' "
+                         f"(valid: {', '.join(BUILDERS)}){hint}")
+    return BUILDERS[name](**kwargs)
+
+
+__all__ = ["BUILDERS", "ViLD", "build_detector"]

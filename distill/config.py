@@ -51,6 +51,19 @@ class WorldConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where a split's COCO-style instances JSON and images live.
+
+    Unset paths mean the embedded synthetic world of the ``world`` section.
+    """
+
+    train_instances: str | None = None
+    train_images: str | None = None
+    val_instances: str | None = None
+    val_images: str | None = None
+
+
+@dataclass
 class TeacherConfig:
     """A frozen open_clip model (distill/teacher/)."""
 
@@ -91,6 +104,42 @@ class PretrainConfig:
     weight_decay: float = 0.1
     warmup_iters: int = 100
     seed: int = 0
+
+
+@dataclass
+class DetectorConfig:
+    """A student detector (detectors/); built by ``build_detector(**model, embed_dim=D)``."""
+
+    name: str = "vild_r18_fpn"  # see detectors.BUILDERS
+    image_size: int = 160  # images are resized to this (min and max side)
+    fpn_channels: int = 64
+    norm: str = "gn"  # gn | bn | frozen_bn
+    backbone_weights: str | None = None  # local torchvision ResNet state_dict
+    temperature: float = 0.01  # ViLD: logits = cosine / 0.01
+    ensemble: bool = False  # ViLD-ensemble: a second, image-distilled head
+    ensemble_lambda: float = 0.6667  # base: text^l image^(1-l); novel: text^(1-l) image^l
+    box_batch_size_per_image: int = 512
+    box_score_thresh: float = 0.001
+    box_detections_per_img: int = 100
+    rpn_post_nms_top_n_test: int = 300  # ViLD: 300 proposals per image
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (0 disables a loss) and region-word settings (distill/losses.py).
+
+    Variants: ViLD-text ``vild_image: 0``; ViLD-image ``vild_text: 0`` (box_reg kept);
+    ViLD = defaults; + region-word ``region_word: 0.1``.
+    """
+
+    vild_text: float = 1.0
+    box_reg: float = 1.0
+    vild_image: float = 0.5  # ViLD R50 weight; the L1 is summed over dimensions
+    region_word: float = 0.0
+    objectness: float = 1.0
+    rpn_box_reg: float = 1.0
+    queue_size: int = 1024  # BARON: 1024 queued negatives
+    region_word_temperature: float = 0.02  # BARON single-region temperature 50
 
 
 @dataclass
@@ -135,9 +184,12 @@ class ExperimentConfig:
     name: str = "default"
     output_dir: str = "outputs/default"
     world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    model: DetectorConfig = field(default_factory=DetectorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

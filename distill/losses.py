@@ -23,8 +23,6 @@ autograd graph of the inputs (``x.sum() * 0``), never NaN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +31,6 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "Criterion",
     "EmbeddingQueue",
-    "LossConfig",
     "MissingOutputError",
     "box_regression_loss",
     "build_criterion",
@@ -272,24 +269,6 @@ class Criterion(nn.Module):
 
 
 # --------------------------------------------------------------------------- config
-
-
-@dataclass
-class LossConfig:
-    """Loss weights (0 disables a loss) and region-word settings; see :class:`Criterion`.
-
-    Variants: ViLD-text ``vild_image: 0``; ViLD-image ``vild_text: 0`` (box_reg kept);
-    ViLD = defaults; + region-word ``region_word: 0.1``.
-    """
-
-    vild_text: float = 1.0
-    box_reg: float = 1.0
-    vild_image: float = 0.5
-    region_word: float = 0.0
-    objectness: float = 1.0
-    rpn_box_reg: float = 1.0
-    queue_size: int = 1024  # BARON: 1024 queued negatives
-    region_word_temperature: float = 0.02  # BARON single-region temperature 50
 
 
 def build_criterion(

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from distill.config import LossConfig
 from distill.losses import (
     DEFAULT_WEIGHTS,
     Criterion,
     EmbeddingQueue,
-    LossConfig,
     MissingOutputError,
     box_regression_loss,
     build_criterion,

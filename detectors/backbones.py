@@ -1,0 +1,55 @@
+"""ResNet + FPN backbones for the students (torchvision parts, composed explicitly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 512, 1024, 2048]}
+
+
+def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 64,
+               norm: str = "gn", weights: str | None = None,
+               trainable_layers: int = 5) -> BackboneWithFPN:
+    """torchvision ResNet-``depth`` + FPN with ``fpn_channels`` outputs ('0', '1', ... + 'pool').
+
+    ``norm``: "gn" (GroupNorm, for training from scratch with small batches),
+    "bn" or "frozen_bn" (for ImageNet weights). ``weights``: a local torchvision
+    ResNet state_dict (.pth/.safetensors), loaded safely; None trains from scratch.
+    """
+    if depth not in _CHANNELS:
+        raise ValueError(f"model.depth: unsupported ResNet depth {depth} (valid: 18, 34, 50)")
+    norms = {"gn": lambda c: nn.GroupNorm(min(32, c // 8), c), "bn": nn.BatchNorm2d,
+             "frozen_bn": FrozenBatchNorm2d}
+    if norm not in norms:
+        raise ValueError(f"model.norm: unknown norm '{norm}' (valid: {', '.join(norms)})")
+    body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=norms[norm])
+    if weights is not None:
+        body.load_state_dict(_load_state_dict(Path(weights)), strict=False)
+    layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    for name, p in body.named_parameters():
+        p.requires_grad_(any(name.startswith(layer) for layer in layers))
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned_layers)}
+    in_channels = [_CHANNELS[depth][k - 1] for k in returned_layers]
+    return BackboneWithFPN(body, return_layers, in_channels, fpn_channels,
+                           extra_blocks=LastLevelMaxPool())
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickles with code are refused
+        raise ValueError(f"{path}: not a plain state_dict ({str(e).splitlines()[0][:120]})") from None
+
+

@@ -1,0 +1,61 @@
+"""Running a student over a dataset and scoring it with the COCO-OV evaluator."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from detectors.vild import ViLD
+from distill.data.coco import CocoDetection
+from distill.evaluation.coco import OVCocoEvaluator
+
+
+@torch.no_grad()
+def evaluate_detector(model: ViLD, dataset: CocoDetection, text_embeddings: torch.Tensor,
+                      novel: Sequence[bool], out_dir: str | os.PathLike | None = None,
+                      batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+    """Box AP of ``model`` on ``dataset`` with the vocabulary ``text_embeddings`` (C, D).
+
+    The vocabulary is the dataset's categories in label order (generalized
+    setting: base and novel names together); ``novel`` (C,) marks the novel ones.
+    Returns flat metrics (``AP50_novel``, ``AP50_base``, ``AP50_all``, ``AP``,
+    ``images_per_s``); with ``out_dir`` also writes the COCO results JSON,
+    ``metrics.json`` and the per-class AP50 plot there. The model's previous
+    vocabulary is restored afterwards.
+    """
+    if len(text_embeddings) != len(dataset.categories):
+        raise ValueError(f"{len(text_embeddings)} text embeddings for "
+                         f"{len(dataset.categories)} categories of {dataset.instances_json}")
+    saved = (model.roi_heads.text_embeddings, model.roi_heads.novel_mask)
+    was_training = model.training
+    model.eval()
+    model.set_vocabulary(text_embeddings, torch.as_tensor(list(novel), dtype=torch.bool))
+    category_ids = [int(c["id"]) for c in dataset.categories]
+    novel_ids = [cid for cid, n in zip(category_ids, novel, strict=True) if n]
+    evaluator = OVCocoEvaluator(dataset.instances_json, novel_category_ids=novel_ids,
+                                category_ids=category_ids)
+    seconds = 0.0
+    try:
+        for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate",
+                          disable=not progress, dynamic_ncols=True):
+            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            t = time.perf_counter()
+            results = model([s["image"] for s in samples])
+            seconds += time.perf_counter() - t
+            for s, r in zip(samples, results, strict=True):
+                labels = r["labels"].tolist()
+                evaluator.add(s["image_id"], r["boxes"], r["scores"],
+                              [category_ids[k - 1] for k in labels])
+        metrics = evaluator.evaluate()["bbox"]
+        if out_dir is not None:
+            evaluator.write(out_dir)
+    finally:
+        model.roi_heads.text_embeddings, model.roi_heads.novel_mask = saved
+        model.train(was_training)
+    flat = {k: float(metrics[k]) for k in ("AP", "AP50", "AP50_novel", "AP50_base", "AP50_all")}
+    flat["images_per_s"] = len(dataset) / max(seconds, 1e-9)
+    return flat

@@ -1,0 +1,247 @@
+"""ViLD-family student detectors on torchvision's Faster R-CNN parts.
+
+The model is composed explicitly (as ``torchvision.models.detection.FasterRCNN``):
+a backbone with FPN, torchvision's ``RegionProposalNetwork`` and an
+:class:`EmbeddingRoIHeads` whose box predictor projects every RoI to the
+teacher's embedding space. Classification is by cosine similarity with the
+frozen text embeddings of the *current vocabulary* plus one learned background
+embedding, divided by a temperature (0.01 as in ViLD). Box regression is
+class-agnostic. With ``ensemble=True`` a second, image-distilled head scores the
+same RoIs and the two are combined by ViLD-ensemble's geometric rule.
+
+The vocabulary is an input: :meth:`ViLD.set_vocabulary` swaps the text
+embeddings (and which classes are novel) without touching the weights.
+
+Training forward returns what :class:`distill.losses.Criterion` needs (the
+model holds no loss code apart from torchvision's RPN):
+
+    outputs = model(images, targets, distill=[{"boxes": (P_i, 4), "embeddings": (P_i, D)}])
+    losses = criterion(outputs)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
+
+from distill.losses import ensemble_scores
+
+
+class EmbeddingHead(nn.Module):
+    """RoI features -> L2-normalised embeddings (R, D) and class-agnostic deltas (R, 4).
+
+    Two FC layers (as torchvision's ``TwoMLPHead``) then a linear projection to D.
+    """
+
+    def __init__(self, in_channels: int, resolution: int, embed_dim: int, hidden: int = 1024,
+                 box_regression: bool = True):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels * resolution**2, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.projection = nn.Linear(hidden, embed_dim)
+        self.bbox_pred = nn.Linear(hidden, 4) if box_regression else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+        embeddings = F.normalize(self.projection(x), dim=-1)
+        return embeddings, (self.bbox_pred(x) if self.bbox_pred is not None else None)
+
+
+class EmbeddingRoIHeads(RoIHeads):
+    """torchvision ``RoIHeads`` with an embedding classifier (text + background) / temperature.
+
+    Reuses torchvision's proposal matching, sampling, box coder and RoI pooling;
+    replaces the predictor, the loss (moved to the criterion) and the
+    post-processing (class-agnostic boxes, optional ViLD-ensemble scores).
+    """
+
+    def __init__(self, box_roi_pool: MultiScaleRoIAlign, text_head: EmbeddingHead,
+                 image_head: EmbeddingHead | None, embed_dim: int, temperature: float = 0.01,
+                 ensemble_lambda: float = 2 / 3, **kwargs):
+        super().__init__(box_roi_pool, box_head=nn.Identity(), box_predictor=nn.Identity(),
+                         **kwargs)
+        self.text_head, self.image_head = text_head, image_head
+        self.temperature, self.ensemble_lambda = temperature, ensemble_lambda
+        self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
+        self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
+        self.register_buffer("novel_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+
+    def background_embedding(self) -> Tensor:
+        return F.normalize(self.background, dim=0)
+
+    def class_probs(self, embeddings: Tensor) -> Tensor:
+        """(R, D) -> (R, 1 + C) softmax over [background, vocabulary]."""
+        classifier = torch.cat([self.background_embedding()[None], self.text_embeddings])
+        return F.softmax(embeddings @ classifier.T / self.temperature, dim=-1)
+
+    def forward(self, features, proposals, image_shapes, targets=None, distill=None):
+        if self.training:
+            proposals, _, labels, regression_targets = self.select_training_samples(
+                proposals, targets)
+        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        embeddings, box_regression = self.text_head(pooled)
+        if self.training:
+            out = {"region_embeddings": embeddings, "labels": torch.cat(labels),
+                   "box_regression": box_regression,
+                   "regression_targets": torch.cat(regression_targets),
+                   "text_embeddings": self.text_embeddings,
+                   "background_embedding": self.background_embedding(),
+                   "temperature": self.temperature}
+            if distill is not None:
+                boxes = [d["boxes"] for d in distill]
+                head = self.image_head or self.text_head
+                out["distill_embeddings"] = head(self.box_roi_pool(features, boxes, image_shapes))[0]
+                out["distill_targets"] = torch.cat([d["embeddings"] for d in distill])
+            return out
+        probs = self.class_probs(embeddings)
+        if self.image_head is not None:
+            image_probs = self.class_probs(self.image_head(pooled)[0])
+            probs = ensemble_scores(probs, image_probs, self.novel_mask, self.ensemble_lambda)
+        boxes = self.box_coder.decode(box_regression, proposals).reshape(-1, 4)  # (R, 4)
+        return self.postprocess(probs, boxes, [len(p) for p in proposals], image_shapes)
+
+    def postprocess(self, probs: Tensor, boxes: Tensor, counts: list[int],
+                    image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per image: drop background, threshold, class-wise NMS, keep the top detections.
+
+        Labels are 1-based indices into the vocabulary (0 would be background).
+        """
+        results = []
+        for p, b, shape in zip(probs.split(counts), boxes.split(counts), image_shapes,
+                               strict=True):
+            b = box_ops.clip_boxes_to_image(b, shape)
+            num_classes = p.shape[1] - 1
+            scores = p[:, 1:].reshape(-1)
+            labels = torch.arange(1, num_classes + 1, device=p.device).repeat(len(b))
+            b = b.repeat_interleave(num_classes, dim=0)
+            keep = torch.where(scores > self.score_thresh)[0]
+            b, scores, labels = b[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(b, min_size=1e-2)
+            b, scores, labels = b[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(b, scores, labels, self.nms_thresh)[:self.detections_per_img]
+            results.append({"boxes": b[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results
+
+
+class ViLD(nn.Module):
+    """Backbone + RPN + embedding RoI heads, with torchvision's resize/normalise transform.
+
+    Images are (3, H, W) tensors, uint8 in [0, 255] or float in [0, 1]; targets
+    hold ``boxes`` (N, 4) xyxy pixels and ``labels`` (N,) 1-based vocabulary
+    indices; ``distill`` holds cached proposals ``boxes`` (P, 4) in the same
+    pixel frame and their teacher ``embeddings`` (P, D).
+    """
+
+    def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork,
+                 roi_heads: EmbeddingRoIHeads, transform: GeneralizedRCNNTransform):
+        super().__init__()
+        self.backbone, self.rpn, self.roi_heads, self.transform = (
+            backbone, rpn, roi_heads, transform)
+
+    # ----------------------------------------------------------------- vocabulary
+    def set_vocabulary(self, text_embeddings: Tensor, novel_mask: Tensor | None = None) -> None:
+        """Use ``text_embeddings`` (C, D), L2-normalised, as the classifier from now on."""
+        heads = self.roi_heads
+        if text_embeddings.ndim != 2 or text_embeddings.shape[1] != heads.background.shape[0]:
+            raise ValueError(f"text embeddings of shape {tuple(text_embeddings.shape)} do not fit "
+                             f"a student of embedding dimension {heads.background.shape[0]}")
+        if len(text_embeddings) == 0:
+            raise ValueError("the vocabulary is empty")
+        device = heads.background.device
+        heads.text_embeddings = F.normalize(text_embeddings.detach().float(), dim=-1).to(device)
+        heads.novel_mask = (torch.zeros(len(text_embeddings), dtype=torch.bool)
+                            if novel_mask is None else novel_mask.bool()).to(device)
+
+    @property
+    def vocabulary_size(self) -> int:
+        return len(self.roi_heads.text_embeddings)
+
+    # ----------------------------------------------------------------- forward
+    def _prepare(self, images, targets=None):
+        images = [im.float() / 255 if im.dtype == torch.uint8 else im for im in images]
+        original = [tuple(im.shape[-2:]) for im in images]
+        image_list, targets = self.transform(images, targets)
+        return image_list, targets, original
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None,
+                distill: list[dict] | None = None):
+        """Training: dict of outputs for the criterion. Eval: detections per image."""
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
+        if self.vocabulary_size == 0:
+            raise ValueError("no vocabulary set: call set_vocabulary(text_embeddings) first")
+        image_list, targets, original = self._prepare(images, targets)
+        features = self.backbone(image_list.tensors)
+        proposals, rpn_losses = self.rpn(image_list, features, targets)
+        if distill is not None:
+            distill = [{"boxes": resize_boxes(d["boxes"].float(), o, s), "embeddings": d["embeddings"]}
+                       for d, o, s in zip(distill, original, image_list.image_sizes, strict=True)]
+        out = self.roi_heads(features, proposals, image_list.image_sizes, targets, distill)
+        if self.training:
+            out["rpn_losses"] = rpn_losses
+            return out
+        return self.transform.postprocess(out, image_list.image_sizes, original)
+
+    @torch.no_grad()
+    def propose(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Class-agnostic RPN proposals per image: ``boxes`` (N, 4) in input pixels, ``scores``.
+
+        N <= the RPN's post-NMS top-n at test time (300 for ViLD's cached proposals).
+        """
+        was = self.training
+        self.eval()
+        image_list, _, original = self._prepare(images)
+        features = list(self.backbone(image_list.tensors).values())
+        objectness, deltas = self.rpn.head(features)
+        anchors = self.rpn.anchor_generator(image_list, features)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        boxes = self.rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, scores = self.rpn.filter_proposals(boxes, objectness, image_list.image_sizes,
+                                                  per_level)
+        self.train(was)
+        return [{"boxes": resize_boxes(b, s, o), "scores": sc}
+                for b, sc, s, o in zip(boxes, scores, image_list.image_sizes, original,
+                                       strict=True)]
+
+
+def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: int,
+               temperature: float = 0.01, ensemble: bool = False,
+               ensemble_lambda: float = 2 / 3, anchor_sizes=((32,), (64,), (128,), (256,)),
+               rpn_pre_nms_top_n_train: int = 2000, rpn_post_nms_top_n_train: int = 1000,
+               rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_test: int = 300,
+               box_batch_size_per_image: int = 512, box_score_thresh: float = 0.001,
+               box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
+               hidden: int = 1024, featmap_names: tuple[str, ...] = ("0", "1", "2", "3"),
+               image_mean=(0.485, 0.456, 0.406),
+               image_std=(0.229, 0.224, 0.225)) -> ViLD:
+    """Compose a ViLD student around ``backbone`` (with ``out_channels`` and FPN maps '0'..)."""
+    channels = backbone.out_channels
+    anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+        pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+        nms_thresh=0.7)
+    pool = MultiScaleRoIAlign(list(featmap_names), output_size=7, sampling_ratio=2)
+    roi_heads = EmbeddingRoIHeads(
+        pool, EmbeddingHead(channels, 7, embed_dim, hidden),
+        EmbeddingHead(channels, 7, embed_dim, hidden, box_regression=False) if ensemble else None,
+        embed_dim, temperature, ensemble_lambda,
+        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=box_batch_size_per_image,
+        positive_fraction=0.25, bbox_reg_weights=None, score_thresh=box_score_thresh,
+        nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img)
+    transform = GeneralizedRCNNTransform(min_size, max_size, list(image_mean), list(image_std))
+    return ViLD(backbone, rpn, roi_heads, transform)
