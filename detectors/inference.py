@@ -59,3 +59,25 @@ def evaluate_detector(model: ViLD, dataset: CocoDetection, text_embeddings: torc
     flat = {k: float(metrics[k]) for k in ("AP", "AP50", "AP50_novel", "AP50_base", "AP50_all")}
     flat["images_per_s"] = len(dataset) / max(seconds, 1e-9)
     return flat
+
+
+@torch.no_grad()
+def write_proposals(model: ViLD, dataset: CocoDetection, path: str | os.PathLike,
+                    batch_size: int = 8, progress: bool = True) -> int:
+    """Class-agnostic RPN proposals of every image of ``dataset`` -> a proposals file.
+
+    ViLD's offline recipe: the RPN, trained on base-class boxes only, proposes
+    (at most ``rpn_post_nms_top_n_test``, 300 by default) boxes per image with
+    their objectness; ``tools/extract.py`` embeds them with the teacher
+    (``cache.proposals=<path>``). Returns the number of proposals written.
+    """
+    from distill.data.proposals import save_proposals
+
+    out = {}
+    for start in tqdm(range(0, len(dataset), batch_size), desc="proposals",
+                      disable=not progress, dynamic_ncols=True):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        for s, p in zip(samples, model.propose([s["image"] for s in samples]), strict=True):
+            out[s["image_id"]] = (p["boxes"], p["scores"])
+    save_proposals(path, out, metadata={"source": "ViLD RPN (base classes)"})
+    return sum(len(b) for b, _ in out.values())

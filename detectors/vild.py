@@ -195,7 +195,7 @@ class ViLD(nn.Module):
 
     @torch.no_grad()
     def propose(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Class-agnostic RPN proposals per image: ``boxes`` (N, 4) in input pixels, ``scores``.
+        """Class-agnostic RPN proposals per image: ``boxes`` (N, 4) in input pixels, ``scores`` (objectness probabilities).
 
         N <= the RPN's post-NMS top-n at test time (300 for ViLD's cached proposals).
         """

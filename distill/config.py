@@ -74,6 +74,7 @@ class TeacherConfig:
     region_mode: str = "crop"  # crop (ViLD: 1x + 1.5x crops) | dense (RoIAlign on dense map)
     crop_scales: list[float] = field(default_factory=lambda: [1.0, 1.5])
     dense_mode: str = "maskclip"  # maskclip (keep residual + MLP) | clearclip (drop both)
+    dense_short_side: int = 0  # dense input: 0 = the image's own size, else this short side
     batch_size: int = 256  # crops per encoder call
     device: str = "cpu"
 
@@ -118,6 +119,7 @@ class DetectorConfig:
     temperature: float = 0.01  # ViLD: logits = cosine / 0.01
     ensemble: bool = False  # ViLD-ensemble: a second, image-distilled head
     ensemble_lambda: float = 0.6667  # base: text^l image^(1-l); novel: text^(1-l) image^l
+    hidden: int = 1024  # width of the RoI head's two FC layers
     box_batch_size_per_image: int = 512
     box_score_thresh: float = 0.001
     box_detections_per_img: int = 100
@@ -138,6 +140,7 @@ class LossConfig:
     region_word: float = 0.0
     objectness: float = 1.0
     rpn_box_reg: float = 1.0
+    distill_per_image: int = 0  # cached proposals drawn per image and step (0: all)
     queue_size: int = 1024  # BARON: 1024 queued negatives
     region_word_temperature: float = 0.02  # BARON single-region temperature 50
 

@@ -37,14 +37,14 @@ def setup(tmp_path_factory) -> tuple[World, Path, list[str]]:
     overrides = [f"world.root={root / 'world'}", *(f"world.{k}={v}" for k, v in TINY.items()),
                  f"cache.root={root / 'cache'}", "cache.shard_size=3",
                  f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
-                 "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.templates=shapes"]
+                 "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.templates=shapes",
+                 "teacher.dense_short_side=0"]
     return world, root / "cache", overrides
 
 
 @pytest.fixture(scope="module")
 def teacher(setup) -> Teacher:
     cfg = load_config(CONFIG, setup[2])
-    torch.manual_seed(extract.TEACHER_SEED)
     return Teacher.from_config(cfg.teacher)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from distill.config import ConfigError, TeacherConfig
+from distill.data.vocab import COLORS
 from distill.teacher import (
     TEMPLATE_SETS,
     Teacher,
@@ -75,8 +76,8 @@ def test_text_is_prompt_ensemble(vit):
     tok = open_clip.get_tokenizer("tiny_vit")
     with torch.no_grad():
         for i, name in enumerate(NAMES):
-            prompts = [t.format(name) for t in ("a {}", "a photo of a {}", "a {} shape",
-                                                "a drawing of a {}")]
+            prompts = [f"a {name}"] + [f"a {c} {name}" for c in COLORS] + [
+                f"a photo of a {c} {name}" for c in COLORS]
             e = F.normalize(vit.model.encode_text(tok(prompts)), dim=-1)
             want = F.normalize(e.mean(0), dim=0)
             torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
@@ -112,17 +113,30 @@ def test_enlarge_boxes_hand_computed():
                                              [0, 5, 30, 50]]).float())
 
 
+def _manual_crop(x, x0, y0, x1, y1, size=64, n=2):
+    """roi_align(aligned=True, sampling_ratio=n) written out: per output pixel, the mean
+    of n x n bilinear samples at the bin's sub-centres (pixel centres at integers)."""
+    H, W = x.shape[-2:]
+    sub = (torch.arange(n) + 0.5) / n
+    xs = (x0 + (torch.arange(size)[:, None] + sub) * (x1 - x0) / size - 0.5).reshape(-1)
+    ys = (y0 + (torch.arange(size)[:, None] + sub) * (y1 - y0) / size - 0.5).reshape(-1)
+    gy, gx = torch.meshgrid((2 * ys + 1) / H - 1, (2 * xs + 1) / W - 1, indexing="ij")
+    grid = torch.stack([gx, gy], -1)[None]
+    s = F.grid_sample(x, grid, mode="bilinear", align_corners=False, padding_mode="border")
+    return s.reshape(1, 3, size, n, size, n).mean((3, 5))
+
+
 def test_crop_regions_equal_manual_crops(vit):
     img = _image(256, 256)
     # a 192 px box: the 1x crop is a 3x downscale; the 1.5x box [0, 0, 288, 288] is
     # clipped at the right and bottom borders to [0, 0, 256, 256]: a 4x downscale.
-    # Crops larger than the input are antialiased (block means at integer factors).
+    # Crops larger than the input average 2 x 2 bilinear samples per pixel.
     boxes = torch.tensor([[48.0, 48, 240, 240]])
     got = vit.regions(img, boxes)
     x = _norm_image(vit, img)[None]
     with torch.no_grad():
-        c1 = F.interpolate(x[:, :, 48:240, 48:240], size=(64, 64), mode="area")
-        c2 = F.interpolate(x[:, :, 0:256, 0:256], size=(64, 64), mode="area")
+        c1 = _manual_crop(x, 48, 48, 240, 240)
+        c2 = _manual_crop(x, 0, 0, 256, 256)
         e = F.normalize(vit.model.encode_image(torch.cat([c1, c2])), dim=-1)
         want = F.normalize(e.sum(0), dim=0)
     torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)
@@ -380,3 +394,18 @@ def test_errors(vit, tmp_path):
     with pytest.raises(TeacherError, match="unknown teacher option"):
         build_teacher(model="tiny_vit", crop_scale=[1.0])
     assert issubclass(TeacherError, ConfigError)
+
+
+def test_dense_short_side_scales_the_dense_input(tmp_path):
+    from distill.teacher import build_teacher
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs/shapes/teacher/tiny_vit.json")
+    torch.manual_seed(0)
+    own = build_teacher("tiny_vit", model_config=cfg)
+    torch.manual_seed(0)
+    short = build_teacher("tiny_vit", model_config=cfg, dense_short_side=64)
+    assert own.dense_size(480, 640) == (480, 640)
+    assert short.dense_size(480, 640) == (64, 88)  # 85.3 rounded to the patch size 8
+    image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)
+    assert short.dense(image).shape == (128, 8, 11)
+    assert own.fingerprint != short.fingerprint

@@ -29,7 +29,6 @@ from distill.engine import barrier, get_world_size, init_distributed
 from distill.teacher import Teacher
 from tools import cli
 
-TEACHER_SEED = 0
 IMAGES_PER_CALL = 8  # images per teacher.regions call (crops are batched by teacher.batch_size)
 
 
@@ -57,7 +56,6 @@ def _run(args) -> int:
     dataset = CocoDetection(instances, image_dir)
     source = ProposalSource(cfg.cache)
     source.check_covers(dataset.ids)
-    torch.manual_seed(TEACHER_SEED)  # random weights (pretrained null) are the same every run
     teacher = Teacher.from_config(cfg.teacher)
     store = Path(cfg.cache.root) / cfg.cache.name
     fingerprint = store_fingerprint(teacher.fingerprint, source, cfg.cache.store_dense)

@@ -32,12 +32,15 @@ from tools import cli
 class DistillationSet(torch.utils.data.Dataset):
     """Training samples: image, targets in the base vocabulary, cached proposals + embeddings.
 
-    Horizontal flips (p=0.5) draw from the global torch RNG, which the engine
-    checkpoints, so a resumed run sees the same flips.
+    ``distill_per_image`` > 0 draws that many of an image's cached proposals per
+    step. Flips (p=0.5) and draws use the global torch RNG, which the engine
+    checkpoints, so a resumed run sees the same samples.
     """
 
-    def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True):
+    def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True,
+                 distill_per_image: int = 0):
         self.data, self.cache, self.flip = data, cache, flip
+        self.distill_per_image = distill_per_image
 
     def __len__(self) -> int:
         return len(self.data)
@@ -50,6 +53,10 @@ class DistillationSet(torch.utils.data.Dataset):
             rec = self.cache.get(s["image_id"])
             distill = {"boxes": torch.as_tensor(rec["boxes"]),
                        "embeddings": torch.as_tensor(rec["embeddings"])}
+            k = self.distill_per_image
+            if 0 < k < len(distill["boxes"]):
+                pick = torch.randperm(len(distill["boxes"]))[:k]
+                distill = {key: v[pick] for key, v in distill.items()}
         if self.flip and torch.rand(()) < 0.5:
             w = image.shape[-1]
             image = image.flip(-1)
@@ -138,7 +145,9 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
             raise ValueError(f"{instances}: no base categories to train on")
         model.set_vocabulary(teacher.text(data.names))
         cache = open_cache(cfg, teacher, instances) if cfg.loss.vild_image > 0 else None
-        criterion = build_criterion(**dataclasses.asdict(cfg.loss))
+        loss_cfg = dataclasses.asdict(cfg.loss)
+        distill_per_image = loss_cfg.pop("distill_per_image")
+        criterion = build_criterion(**loss_cfg)
 
         def loss_fn(model, batch):
             distill = [b["distill"] for b in batch] if cache is not None else None
@@ -146,7 +155,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
             return criterion(outputs)
 
         periodic = (lambda m: evaluate(cfg, m, teacher, None, False)) if cfg.train.eval_period else None
-        train(model, loss_fn, DistillationSet(data, cache), cfg.train, out, collate_fn=collate,
+        train(model, loss_fn, DistillationSet(data, cache, distill_per_image=distill_per_image), cfg.train, out, collate_fn=collate,
               evaluate=periodic, resume=resume, progress=progress)
     metrics = evaluate(cfg, model, teacher, out / "eval", progress)
     atomic_write_text(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")

@@ -48,6 +48,24 @@ _TEXT_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()  # (fingerprint, names, 
 _TEXT_CACHE_SIZE = 32
 
 
+def cut_crops(images: Tensor, rois: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear crop-and-resize with ``roi_align(aligned=True)``: (K, 3, *size).
+
+    images (B, 3, H, W); rois (K, 5) = (batch index, x0, y0, x1, y1) in pixels.
+    Crops no larger than ``size`` take one sample per output pixel (exact bilinear
+    resizing); larger crops average 2 x 2 samples per pixel. A fixed count keeps
+    cutting cheap: adaptive sampling costs (crop / size)^2 samples per pixel, as
+    much as a small teacher's whole encoder for large boxes (docs/benchmarks.md).
+    """
+    extent = torch.maximum((rois[:, 3] - rois[:, 1]) / size[1], (rois[:, 4] - rois[:, 2]) / size[0])
+    out = images.new_empty(len(rois), images.shape[1], *size)
+    for ratio, sel in ((1, extent <= 1), (2, extent > 1)):
+        if sel.any():
+            out[sel] = roi_align(images, rois[sel], size, spatial_scale=1.0,
+                                 sampling_ratio=ratio, aligned=True)
+    return out
+
+
 class TeacherError(ConfigError):
     """The teacher cannot be built as configured; the message is one line."""
 
@@ -132,7 +150,9 @@ def load_clip(
     if pretrained:
         _check_pretrained(model, pretrained)
     try:
-        clip = open_clip.create_model(model, pretrained=pretrained or None, device=device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random weights (pretrained None) are the same every time
+            clip = open_clip.create_model(model, pretrained=pretrained or None, device=device)
     except Exception as e:  # open_clip raises RuntimeError / KeyError / safetensors errors
         why = _state_dict_mismatch(str(e)) or _one_line(e)
         raise TeacherError(f"cannot load pretrained '{pretrained}' into '{model}': {why}") from None
@@ -192,6 +212,7 @@ class Teacher(nn.Module):
         region_mode: str = "crop",
         crop_scales: Sequence[float] = (1.0, 1.5),
         dense_mode: str = "maskclip",
+        dense_short_side: int = 0,
         batch_size: int = 256,
     ):
         super().__init__()
@@ -212,6 +233,7 @@ class Teacher(nn.Module):
         self.region_mode = region_mode
         self.crop_scales = tuple(float(s) for s in crop_scales)
         self.dense_mode = dense_mode
+        self.dense_short_side = dense_short_side
         self.batch_size = batch_size
         self.tokenizer = _tokenizer(model_name, json.dumps(model_cfg, sort_keys=True))
         pp = open_clip.get_model_preprocess_cfg(model)
@@ -255,7 +277,8 @@ class Teacher(nn.Module):
             "model": self.model_name, "model_cfg": self.model_cfg, "weights": h.hexdigest(),
             "templates": list(self.templates), "region_mode": self.region_mode,
             "crop_scales": list(self.crop_scales), "dense_mode": self.dense_mode,
-            "image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
+            "dense_short_side": self.dense_short_side, "image_size": list(self.image_size),
+            "mean": list(self.mean), "std": list(self.std),
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -331,14 +354,8 @@ class Teacher(nn.Module):
         return torch.cat(rois).to(self.device)
 
     def crops(self, stacked: Tensor, rois: Tensor) -> Tensor:
-        """Bilinear crop-and-resize to the input size: (K, 3, S, S).
-
-        ``roi_align(aligned=True)`` with one sample per output pixel for crops no
-        larger than the input, and ceil(crop / input) x ceil(...) averaged samples
-        per pixel for larger crops (an antialiasing box filter).
-        """
-        return roi_align(stacked, rois, self.image_size, spatial_scale=1.0,
-                         sampling_ratio=0, aligned=True)
+        """Crop-and-resize to the input size: (K, 3, S, S); see :func:`cut_crops`."""
+        return cut_crops(stacked, rois, self.image_size)
 
     def regions(
         self,
@@ -396,8 +413,12 @@ class Teacher(nn.Module):
         return out.clone()
 
     def dense_size(self, height: int, width: int) -> tuple[int, int]:
-        """Input size for :meth:`dense`: the image's own size rounded to the nearest
-        multiple of the tower's stride (patch size for ViT, 32 for ResNet)."""
+        """Input size for :meth:`dense`: the image's own size, or scaled to a short side of
+        ``dense_short_side`` when that is set (> 0), rounded to the nearest multiple of the
+        tower's stride (patch size for ViT, 32 for ResNet)."""
+        if self.dense_short_side > 0:
+            scale = self.dense_short_side / min(height, width)
+            height, width = height * scale, width * scale
         sy, sx = dense_stride(self.model.visual)
         return max(sy, round(height / sy) * sy), max(sx, round(width / sx) * sx)
 
@@ -435,6 +456,7 @@ def build_teacher(
     region_mode: str = "crop",
     crop_scales: Sequence[float] = (1.0, 1.5),
     dense_mode: str = "maskclip",
+    dense_short_side: int = 0,
     batch_size: int = 256,
     device: str = "cpu",
     **unknown: Any,
@@ -445,4 +467,4 @@ def build_teacher(
     clip, model_cfg = load_clip(model, pretrained, model_config, device)
     return Teacher(clip, model, model_cfg=model_cfg, templates=templates,
                    region_mode=region_mode, crop_scales=crop_scales, dense_mode=dense_mode,
-                   batch_size=batch_size)
+                   dense_short_side=dense_short_side, batch_size=batch_size)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from distill.config import ConfigError
+from distill.data.vocab import COLORS
 
 
 def _from_open_clip(fns: Sequence[Callable[[str], str]]) -> tuple[str, ...]:
@@ -64,7 +65,9 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "simple": _from_open_clip(SIMPLE_IMAGENET_TEMPLATES),
     "vild": tuple("This is " + t if t.startswith(("a", "the")) else t for t in _VILD_RAW),
     # the caption forms the tiny teacher is pretrained on (distill/teacher/pretrain.py)
-    "shapes": ("a {}", "a photo of a {}", "a {} shape", "a drawing of a {}"),
+    # the synthetic world's caption forms, averaged over its colours (the prompt
+    # ensemble then describes the shape whatever its colour)
+    "shapes": ("a {}", *(f"a {c} {{}}" for c in COLORS), *(f"a photo of a {c} {{}}" for c in COLORS)),
 }
 
 

@@ -1,0 +1,174 @@
+"""Contrastive pretraining of a tiny open_clip teacher on the synthetic world.
+
+The teacher plays CLIP's part: it has "seen the web", so it is trained on the
+captions of every object class, base and novel alike (only the student's box
+labels are restricted). Training pairs are object crops and their captions
+("a small red star"), cut with ViLD's crop scales (1x, 1.5x) with a little jitter, so
+that the teacher sees the kind of crops it embeds later. A batch never holds two
+objects of the same shape and colour (their captions would describe each other's
+crops: false negatives for the contrastive loss), and it is built as a few colours x
+every shape, so that colour alone never tells a crop's caption from the others.
+
+    model = pretrain(world, teacher_cfg, pretrain_cfg)   # an open_clip CLIP model
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+from PIL import Image
+from tqdm import tqdm
+
+from distill.config import PretrainConfig, TeacherConfig
+from distill.data.synthetic import World
+from distill.teacher.clip import cut_crops
+
+CAPTION_FORMS = (  # (form, weight): every form names the colour and the shape
+    ("a {color} {name}", 6),
+    ("a {size} {color} {name}", 1),
+    ("a photo of a {color} {name}", 1),
+)
+_FORMS, _WEIGHTS = zip(*CAPTION_FORMS, strict=True)
+
+
+class CropCaptions:
+    """Every object of a split, with its image kept in memory for fast crop sampling.
+
+    images (N, 3, S, S) uint8; objects: (image index, bbox xyxy, name, colour, size word).
+    """
+
+    def __init__(self, world: World, split: str = "train"):
+        import json
+
+        data = json.loads(Path(world.captions[split]).read_text())["images"]
+        image_dir = Path(world.images[split])
+        self.images = torch.from_numpy(np.stack([
+            np.asarray(Image.open(image_dir / rec["file_name"]).convert("RGB"))
+            for rec in data])).permute(0, 3, 1, 2).contiguous()
+        self.objects = []
+        for i, rec in enumerate(data):
+            for obj in rec["objects"]:
+                x, y, w, h = obj["bbox"]
+                self.objects.append((i, (x, y, x + w, y + h), obj["name"], obj["color"],
+                                     obj["size"]))
+        self.by_key: dict[tuple[str, str], list[int]] = {}
+        for k, (_, _, name, color, _) in enumerate(self.objects):
+            self.by_key.setdefault((name, color), []).append(k)
+        self.names = sorted({o[2] for o in self.objects})
+        self.by_key_colours = sorted({o[3] for o in self.objects})
+
+    def sample(self, rng: random.Random, n: int, image_size: int, mean: torch.Tensor,
+               std: torch.Tensor, scales: tuple[float, ...] = (1.0, 1.5),
+               jitter: float = 0.05) -> tuple[torch.Tensor, list[str]]:
+        """n crops (n, 3, image_size, image_size), normalised, with n distinct captions
+        (never two objects of the same shape and colour: each caption would fit the other).
+
+        Each crop is the object's box enlarged by one of ``scales`` (the teacher's
+        crop rule), with size and centre jittered by up to ``jitter``.
+        """
+        # a few colours x every shape: each crop's in-batch negatives of its own colour
+        # differ from it only in shape, so colour alone cannot solve the batch
+        colours = list(self.by_key_colours)
+        rng.shuffle(colours)
+        picked, captions = [], []
+        for color in colours:
+            for name in self.names:
+                pool = self.by_key.get((name, color))
+                if pool and len(picked) < n:
+                    obj = self.objects[rng.choice(pool)]
+                    picked.append(obj)
+                    form = rng.choices(_FORMS, _WEIGHTS)[0]
+                    captions.append(form.format(name=name, color=color, size=obj[4]))
+        rois = []
+        for k, (_, (x0, y0, x1, y1), *_) in enumerate(picked):
+            s = rng.choice(scales) * rng.uniform(1 - jitter, 1 + jitter)
+            cx = (x0 + x1) / 2 + rng.uniform(-jitter, jitter) * (x1 - x0)
+            cy = (y0 + y1) / 2 + rng.uniform(-jitter, jitter) * (y1 - y0)
+            hw, hh = s * (x1 - x0) / 2, s * (y1 - y0) / 2
+            rois.append([k, cx - hw, cy - hh, cx + hw, cy + hh])
+        imgs = self.images[[p[0] for p in picked]].float()
+        imgs = (imgs / 255 - mean[:, None, None]) / std[:, None, None]
+        crops = cut_crops(imgs, torch.tensor(rois, dtype=torch.float32),
+                          (image_size, image_size))
+        flip = torch.tensor([rng.random() < 0.5 for _ in picked])
+        crops[flip] = crops[flip].flip(-1)
+        return crops, captions
+
+
+def pretrain(world: World, teacher: TeacherConfig, cfg: PretrainConfig,
+             progress: bool = True, log=print) -> torch.nn.Module:
+    """Train ``teacher.model`` (built from ``teacher.model_config``) from scratch."""
+    if teacher.model_config:
+        open_clip.add_model_config(teacher.model_config)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = open_clip.create_model(teacher.model, pretrained=None)
+    model.train()
+    tokenizer = open_clip.get_tokenizer(teacher.model)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD)
+    data = CropCaptions(world, "train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(
+        1.0, (it + 1) / max(cfg.warmup_iters, 1)) * 0.5 * (1 + math.cos(math.pi * it / cfg.iters)))
+    loss_fn = ClipLoss()
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.iters), desc="pretrain teacher", disable=not progress, dynamic_ncols=True)
+    for it in bar:
+        crops, captions = data.sample(rng, cfg.batch_size, size, mean, std)
+        image_features = model.encode_image(crops, normalize=True)
+        text_features = model.encode_text(tokenizer(captions), normalize=True)
+        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if (it + 1) % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    log(f"pretrained {teacher.model} for {cfg.iters} iterations in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return model.eval()
+
+
+def zero_shot_accuracy(teacher, world: World, split: str = "val",
+                       batch_images: int = 32) -> dict[str, float]:
+    """Top-1 zero-shot classification of every object crop of ``split`` over all object classes.
+
+    Crops follow the teacher's region rule (ViLD: 1x + 1.5x); the classifier is
+    the prompt-ensembled text embedding of each class name. Returns accuracy on
+    all, base and novel objects, and the number of objects of each.
+    """
+    import json
+
+    from distill.data.coco import load_image
+
+    data = json.loads(Path(world.captions[split]).read_text())["images"]
+    classes = list(world.classes)
+    text = teacher.text(classes)
+    correct, novel = [], []
+    for start in range(0, len(data), batch_images):
+        recs = data[start:start + batch_images]
+        images = [load_image(Path(world.images[split]) / r["file_name"]) for r in recs]
+        boxes = [torch.tensor([[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2],
+                                o["bbox"][1] + o["bbox"][3]] for o in r["objects"]],
+                              dtype=torch.float32).reshape(-1, 4) for r in recs]
+        for r, emb in zip(recs, teacher.regions(images, boxes), strict=True):
+            pred = (emb @ text.T).argmax(-1).tolist()
+            for o, p in zip(r["objects"], pred, strict=True):
+                correct.append(classes[p] == o["name"])
+                novel.append(o["name"] in world.novel_classes)
+    c, n = torch.tensor(correct, dtype=torch.float32), torch.tensor(novel)
+    return {"top1_all": c.mean().item(), "top1_base": c[~n].mean().item(),
+            "top1_novel": c[n].mean().item(), "objects_base": int((~n).sum()),
+            "objects_novel": int(n.sum())}

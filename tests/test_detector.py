@@ -1,0 +1,124 @@
+"""The ViLD student: vocabulary as input, post-processing, proposals, one training step per
+config on a tiny world (tiny random teacher, cached GT-box embeddings)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectors import build_detector
+from distill.config import load_config
+from tools import extract, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    m = build_detector("vild_r18_fpn", embed_dim=16, hidden=32, box_batch_size_per_image=32,
+                       image_size=96, **kw)
+    return m
+
+
+def test_unknown_detector_name_is_one_line():
+    with pytest.raises(ValueError, match=r"unknown detector 'vild_r18_fnp'.*did you mean 'vild_r18_fpn'"):
+        build_detector("vild_r18_fnp", embed_dim=16)
+
+
+def test_vocabulary_is_an_input():
+    m = _model().eval()
+    img = [torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="no vocabulary set"):
+        m(img)
+    with pytest.raises(ValueError, match="do not fit a student of embedding dimension 16"):
+        m.set_vocabulary(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="the vocabulary is empty"):
+        m.set_vocabulary(torch.zeros(0, 16))
+    m.roi_heads.score_thresh = 0.0
+    for c in (3, 7):
+        m.set_vocabulary(F.normalize(torch.randn(c, 16), dim=-1))
+        out = m(img)[0]
+        assert m.vocabulary_size == c
+        assert len(out["labels"]) > 0 and 1 <= out["labels"].min() and out["labels"].max() <= c
+    # the vocabulary is not part of the weights: swapping it leaves the state dict alone
+    assert "roi_heads.text_embeddings" not in m.state_dict()
+
+
+def test_class_probs_are_cosine_over_temperature_with_background_first():
+    m = _model()
+    t = F.normalize(torch.randn(2, 16), dim=-1)
+    m.set_vocabulary(t)
+    e = F.normalize(torch.randn(3, 16), dim=-1)
+    bg = F.normalize(m.roi_heads.background.detach(), dim=0)
+    logits = torch.stack([e @ bg, e @ t[0], e @ t[1]], 1) / 0.01
+    torch.testing.assert_close(m.roi_heads.class_probs(e), logits.softmax(-1))
+
+
+def test_postprocess_thresholds_nms_per_class_and_caps():
+    h = _model().roi_heads
+    h.score_thresh, h.nms_thresh, h.detections_per_img = 0.1, 0.5, 3
+    # two RoIs: same box region (IoU 0.81), one more elsewhere; columns bg, c1, c2
+    probs = torch.tensor([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.05, 0.15, 0.8]])
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60]])
+    out = h.postprocess(probs, boxes, [3], [(100, 100)])[0]
+    # c1: RoI 0 (0.8) suppresses RoI 1 (0.7); c2: RoI 2 (0.8); c1 on RoI 2: 0.15 > 0.1 kept
+    assert out["scores"].tolist() == pytest.approx([0.8, 0.8, 0.15])
+    got = sorted((label, round(score, 4)) for label, score in
+                 zip(out["labels"].tolist(), out["scores"].tolist(), strict=True))
+    assert got == [(1, 0.15), (1, 0.8), (2, 0.8)]
+    torch.testing.assert_close(out["boxes"][out["scores"].argmax()], boxes[0])
+
+
+def test_ensemble_head_combines_text_and_image_probs():
+    m = _model(ensemble=True)
+    m.set_vocabulary(F.normalize(torch.randn(2, 16), dim=-1), torch.tensor([False, True]))
+    assert m.roi_heads.image_head is not None and m.roi_heads.image_head.bbox_pred is None
+    assert m.roi_heads.novel_mask.tolist() == [False, True]
+
+
+def test_propose_returns_top_proposals_with_objectness_in_input_pixels():
+    m = _model(rpn_post_nms_top_n_test=20)
+    img = torch.randint(0, 256, (3, 120, 80), dtype=torch.uint8)  # resized to 96 inside
+    (p,) = m.propose([img])
+    assert p["boxes"].shape[1] == 4 and 0 < len(p["boxes"]) <= 20
+    assert (p["scores"] >= 0).all() and (p["scores"] <= 1).all()
+    assert p["boxes"][:, 2].max() <= 80 + 1e-4 and p["boxes"][:, 3].max() <= 120 + 1e-4
+    assert m.training  # restored
+
+
+TINY = ["world.num_train=6", "world.num_val=3", "world.image_size=96", "world.max_objects=3"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("det")
+    common = [f"world.root={root / 'world'}", *TINY,
+              f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
+              "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.dense_short_side=0",
+              f"cache.root={root / 'cache'}", "cache.proposals=gt", "cache.shard_size=4"]
+    assert extract.main(["--config", str(REPO / "configs/shapes/extract.yaml"), "--no-progress",
+                         *common]) == 0
+    return root, common
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("vild_text", []), ("vild", []), ("vild", ["model.ensemble=true"]),
+    ("vild", ["loss.vild_text=0"]), ("vild", ["loss.region_word=0.1"]),
+])
+def test_one_training_iteration_per_config(tiny, name, extra):
+    root, common = tiny
+    out = root / f"{name}-{len(extra)}-{'_'.join(extra)}"
+    cfg = load_config(REPO / f"configs/shapes/{name}.yaml", [
+        *common, *extra, f"output_dir={out}", "train.max_iters=1", "train.batch_size=2",
+        "model.image_size=96", "model.hidden=32", "model.box_batch_size_per_image=16"])
+    metrics = train.run(cfg, progress=False)
+    assert set(metrics) >= {"AP50_novel", "AP50_base", "AP50_all", "images_per_s"}
+    losses = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    expected = {"loss_objectness", "loss_rpn_box_reg", "loss_box_reg"}
+    expected |= {"loss_vild_text"} if cfg.loss.vild_text else set()
+    expected |= {"loss_vild_image"} if cfg.loss.vild_image else set()
+    expected |= {"loss_region_word"} if cfg.loss.region_word else set()
+    assert expected == {k for k in losses if k.startswith("loss_")}
+    assert (out / "eval/metrics.json").is_file() and (out / "model_final.safetensors").is_file()
