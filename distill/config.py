@@ -98,12 +98,13 @@ class CacheConfig:
 class PretrainConfig:
     """Contrastive pretraining of the tiny teacher on the synthetic world's captions."""
 
-    output: str = "configs/shapes/teacher/tiny_teacher.safetensors"
-    iters: int = 2000
-    batch_size: int = 128
+    output: str = "configs/shapes/teacher/tiny_rn_shapes.safetensors"
+    iters: int = 2400
+    batch_size: int = 96  # 6 colours x 16 shapes: one crop per (shape, colour)
     lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_iters: int = 100
+    weight_decay: float = 0.05
+    warmup_iters: int = 50
+    crop_jitter: float = 0.05  # crop scale and centre jitter around the 1x / 1.5x crops
     seed: int = 0
 
 

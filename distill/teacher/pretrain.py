@@ -124,7 +124,8 @@ def pretrain(world: World, teacher: TeacherConfig, cfg: PretrainConfig,
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.iters), desc="pretrain teacher", disable=not progress, dynamic_ncols=True)
     for it in bar:
-        crops, captions = data.sample(rng, cfg.batch_size, size, mean, std)
+        crops, captions = data.sample(rng, cfg.batch_size, size, mean, std,
+                                      tuple(teacher.crop_scales), cfg.crop_jitter)
         image_features = model.encode_image(crops, normalize=True)
         text_features = model.encode_text(tokenizer(captions), normalize=True)
         loss = loss_fn(image_features, text_features, model.logit_scale.exp())
