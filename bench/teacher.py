@@ -52,7 +52,7 @@ from distill.teacher import Teacher, build_teacher
 from distill.teacher.dense import dense_stride
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = "configs/shapes/teacher/tiny_vit.json"
+TINY_CONFIG = "configs/shapes/teacher/tiny_rn.json"
 FLOORS = {"pipeline_over_bare": 0.85, "dense_over_crop": 20.0, "int8_cosine": 0.995}
 
 
@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-dense-scale", type=float, default=0.25,
                    help="diagnostic: also time the tiny teacher's dense mode on the images and "
                         "boxes scaled by this (0.25: 160x120, a 20x15 grid; 0 = off)")
+    p.add_argument("--tiny-dense-side", type=int, default=160,
+                   help="tiny teacher dense input short side (teacher.dense_short_side; the "
+                        "shapes configs use 160, its world's image size)")
     p.add_argument("--tiny-config", default=TINY_CONFIG, help=f"tiny teacher JSON ({TINY_CONFIG})")
     p.add_argument("--batch-size", type=int, default=256, help="teacher batch_size (crops per call)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -351,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     boxes = [make_boxes(args.boxes, args.height, args.width, gen) for _ in images]
     specs = [] if args.skip_b32 else [
         ("ViT-B-32", dict(model="ViT-B-32"), args.b32_crop_boxes, args.repeat, 0.0)]
-    specs.append((tiny_cfg.stem, dict(model=tiny_cfg.stem, model_config=str(tiny_cfg)),
+    specs.append((tiny_cfg.stem, dict(model=tiny_cfg.stem, model_config=str(tiny_cfg),
+                                      dense_short_side=args.tiny_dense_side),
                   args.tiny_crop_boxes or args.boxes, args.tiny_repeat, args.tiny_dense_scale))
     results = []
     for name, kw, crop_boxes, repeat, dense_scale in specs:

@@ -47,7 +47,7 @@ from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from distill.config import OptimConfig, ScheduleConfig, TrainConfig, atomic_write_text
+from distill.config import OptimConfig, ScheduleConfig, TrainConfig, atomic_write
 
 LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
 
@@ -253,7 +253,7 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, iteration: int, kee
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / "last_checkpoint", name + "\n")
+    atomic_write(root / "last_checkpoint", name + "\n")
     done = sorted(p for p in root.glob("iter_*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -311,7 +311,7 @@ class MetricsLog:
         if self.path.exists():  # drop records a killed run wrote after its last checkpoint
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("iter", 0) <= start_iter]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_iter + 1)
@@ -441,7 +441,7 @@ def train(
         save_model(unwrap(model), str(output_dir / ".model_final.tmp"))
         os.replace(output_dir / ".model_final.tmp", output_dir / "model_final.safetensors")
         if metrics:
-            atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from distill.cache import EmbeddingCache
-from distill.config import atomic_write_text, save_config
+from distill.config import atomic_write, save_config
 from distill.data.coco import CocoDetection, collate, dataset_id, dataset_paths
 from distill.data.proposals import ProposalSource, store_fingerprint
 from distill.engine import barrier, get_world_size, init_distributed
@@ -97,7 +97,7 @@ def _run(args) -> int:
         "world_size": world_size,
     }
     if rank == 0:
-        atomic_write_text(store / "extract_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write(store / "extract_summary.json", json.dumps(summary, indent=1) + "\n")
         save_config(cfg, store / "extract_config.yaml")
         print(f"extracted {images} images, {regions} regions ({summary['bytes_per_region']} B/region) "
               f"in {seconds:.1f} s ({summary['regions_per_s']} regions/s); store {store}: "

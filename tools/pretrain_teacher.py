@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from distill.config import atomic_write_text
+from distill.config import atomic_write
 from distill.data.synthetic import generate_world
 from distill.teacher import Teacher
 from distill.teacher.pretrain import pretrain, zero_shot_accuracy
@@ -82,7 +82,7 @@ def evaluate_and_record(cfg, world, argv: list[str], seconds: float | None = Non
         "pretrain_seconds": seconds if seconds is not None else previous.get("pretrain_seconds"),
         "zero_shot": zero_shot_accuracy(teacher, world),
     }
-    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    atomic_write(record_path, json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -21,7 +21,7 @@ import torch
 from detectors import ViLD, build_detector
 from detectors.inference import evaluate_detector
 from distill.cache import EmbeddingCache
-from distill.config import ExperimentConfig, atomic_write_text, save_config
+from distill.config import ExperimentConfig, atomic_write, save_config
 from distill.data.coco import CocoDetection, collate, dataset_id, dataset_paths
 from distill.engine import last_checkpoint, load_weights, train
 from distill.losses import build_criterion
@@ -158,7 +158,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         train(model, loss_fn, DistillationSet(data, cache, distill_per_image=distill_per_image), cfg.train, out, collate_fn=collate,
               evaluate=periodic, resume=resume, progress=progress)
     metrics = evaluate(cfg, model, teacher, out / "eval", progress)
-    atomic_write_text(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -24,8 +24,6 @@ import contextlib
 import copy
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from distill.config import atomic_write
 from distill.evaluation.plots import plot_per_class_ap
 
 IOU_TYPES = ("bbox", "segm")
@@ -77,20 +76,6 @@ def encode_masks(masks: Any, height: int, width: int) -> list[dict]:
         elif not isinstance(r["counts"], str):
             raise ValueError("only compressed RLE (counts as str/bytes) is supported")
     return rles
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class DetectionCollector:

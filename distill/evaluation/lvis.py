@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from lvis import LVIS, LVISEval, LVISResults
 
-from distill.evaluation.coco import DetectionCollector, atomic_write
+from distill.config import atomic_write
+from distill.evaluation.coco import DetectionCollector
 from distill.evaluation.plots import plot_groups
 
 MAX_DETS_PER_IMAGE = 300
