@@ -272,9 +272,11 @@ class Criterion(nn.Module):
 
 
 def build_criterion(
-    queue_size: int = 1024, region_word_temperature: float = 0.02, **weights: float
+    queue_size: int = 1024, region_word_temperature: float = 0.02, distill_per_image: int = 0,
+    **weights: float,
 ) -> Criterion:
-    """``build_criterion(**dataclasses.asdict(cfg.loss))``."""
+    """``build_criterion(**dataclasses.asdict(cfg.loss))``; ``distill_per_image`` is read by
+    the training set (how many cached proposals an image contributes), not the criterion."""
     return Criterion(weights, queue_size=queue_size,
                      region_word_temperature=region_word_temperature)
 

@@ -145,9 +145,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
             raise ValueError(f"{instances}: no base categories to train on")
         model.set_vocabulary(teacher.text(data.names))
         cache = open_cache(cfg, teacher, instances) if cfg.loss.vild_image > 0 else None
-        loss_cfg = dataclasses.asdict(cfg.loss)
-        distill_per_image = loss_cfg.pop("distill_per_image")
-        criterion = build_criterion(**loss_cfg)
+        criterion = build_criterion(**dataclasses.asdict(cfg.loss))
 
         def loss_fn(model, batch):
             distill = [b["distill"] for b in batch] if cache is not None else None
@@ -155,7 +153,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
             return criterion(outputs)
 
         periodic = (lambda m: evaluate(cfg, m, teacher, None, False)) if cfg.train.eval_period else None
-        train(model, loss_fn, DistillationSet(data, cache, distill_per_image=distill_per_image), cfg.train, out, collate_fn=collate,
+        train(model, loss_fn, DistillationSet(data, cache, distill_per_image=cfg.loss.distill_per_image), cfg.train, out, collate_fn=collate,
               evaluate=periodic, resume=resume, progress=progress)
     metrics = evaluate(cfg, model, teacher, out / "eval", progress)
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
