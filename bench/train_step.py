@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     criterion = Criterion()
     # the same parts, with torchvision's own box head / predictor / losses
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    frcnn = FasterRCNN(resnet_fpn(18, (2, 3, 4), 64, "gn"), num_classes=13,
+    frcnn = FasterRCNN(resnet_fpn(18, (2, 3, 4), 64, "gn"), num_classes=None,
                        min_size=a.size, max_size=a.size,
                        rpn_anchor_generator=student.rpn.anchor_generator,
                        box_roi_pool=student.roi_heads.box_roi_pool,
