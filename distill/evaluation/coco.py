@@ -177,6 +177,16 @@ class DetectionCollector:
         drop = "bbox" if iou_type == "segm" else "segmentation"
         return [{k: v for k, v in d.items() if k != drop} for d in self.results()]
 
+    def _write_results(self, out_dir: str | Path, prefix: str) -> tuple[Path, dict, dict]:
+        """Write ``<prefix>results.json`` and ``metrics.json``; returns (dir, metrics, paths)."""
+        metrics = self.evaluate()
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"results": out / f"{prefix}results.json", "metrics": out / "metrics.json"}
+        atomic_write(paths["results"], json.dumps(self.results()))
+        atomic_write(paths["metrics"], json.dumps(metrics, indent=2))
+        return out, metrics, paths
+
 
 class OVCocoEvaluator(DetectionCollector):
     """COCO / COCO-OV evaluator (box and optionally mask AP).
@@ -262,12 +272,7 @@ class OVCocoEvaluator(DetectionCollector):
         """Write ``<prefix>results.json`` (COCO results), ``metrics.json`` and
         ``<prefix>per_class_AP50_<iou_type>.png`` to out_dir, each atomically.
         Returns {"results", "metrics", "plot_<iou_type>": path}."""
-        metrics = self.evaluate()
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"results": out / f"{prefix}results.json", "metrics": out / "metrics.json"}
-        atomic_write(paths["results"], json.dumps(self.results()))
-        atomic_write(paths["metrics"], json.dumps(metrics, indent=2))
+        out, metrics, paths = self._write_results(out_dir, prefix)
         novel_names = {self.category_names[c] for c in self.novel_category_ids}
         for t in self.iou_types:
             paths[f"plot_{t}"] = out / f"{prefix}per_class_AP50_{t}.png"

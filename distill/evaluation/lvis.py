@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -111,12 +110,7 @@ class LVISEvaluator(DetectionCollector):
         """Write ``<prefix>results.json`` (capped COCO-format results), ``metrics.json`` and
         ``<prefix>AP_groups_<iou_type>.png`` to out_dir, each atomically.
         Returns {"results", "metrics", "plot_<iou_type>": path}."""
-        metrics = self.evaluate()
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"results": out / f"{prefix}results.json", "metrics": out / "metrics.json"}
-        atomic_write(paths["results"], json.dumps(self.results()))
-        atomic_write(paths["metrics"], json.dumps(metrics, indent=2))
+        out, metrics, paths = self._write_results(out_dir, prefix)
         for t in self.iou_types:
             paths[f"plot_{t}"] = out / f"{prefix}AP_groups_{t}.png"
             groups = {k: metrics[t][k] for k in ("AP", "APr", "APc", "APf", "AP50")}
