@@ -18,7 +18,7 @@ with random weights (224 px, float32) and (b) the tiny teacher of ``--tiny-confi
   embeddings (written to and read back from a real ``EmbeddingCache`` in a temporary
   directory) to the float32 ones: floor >= 0.995.
 
-Diagnostics: ``roi_align`` crop cutting alone (crops/s, the step the pipeline adds to
+Diagnostics: crop cutting alone (crops/s, the step the pipeline adds to
 the encoder), the rest of the pipeline time, and the tiny teacher's dense mode on the
 images and boxes downscaled by ``--tiny-dense-scale``. Each timing is the median of
 ``--repeat`` (ViT-B-32) or ``--tiny-repeat`` rounds after a warm-up; a round times
@@ -190,7 +190,7 @@ def bench_teacher(name: str, teacher: Teacher, images: list[Tensor], boxes: list
 
     n_dense_regions = sum(len(b) for b in boxes)
     steps = {"bare": (bare, f"bare encode_image, {len(crops)} pre-cut crops"),
-             "cut": (cut, f"roi_align cutting alone, {len(crops)} crops"),
+             "cut": (cut, f"crop cutting alone, {len(crops)} crops"),
              "crop": (crop_pipeline, f"crop pipeline, {n_crop_regions} boxes"),
              "dense": (dense_pipeline, f"dense regions, {n_dense_regions} boxes")}
     # rounds interleave the steps, so a change in the machine's load hits all of them alike
@@ -277,7 +277,7 @@ def table(results: list[dict]) -> str:
          f"{_pf(r, 'pipeline_over_bare')}", ">= 0.85"),
         ("  pipeline / bare from parts: bare / (bare + cut) time", lambda r:
          f"{r['pipeline_over_bare_from_parts']:.2f}", "diag."),
-        ("  roi_align cutting alone (crops/s)", lambda r: f"{r['cut_crops_per_s']:.1f}", "diag."),
+        ("  crop cutting alone (crops/s)", lambda r: f"{r['cut_crops_per_s']:.1f}", "diag."),
         ("  share of crop-pipeline time: cut / encode / rest", lambda r:
          f"{r['cut_s'] / r['crop_s']:.0%} / {r['bare_s'] / r['crop_s']:.0%} / "
          f"{r['crop_other_s'] / r['crop_s']:.0%}", "diag."),

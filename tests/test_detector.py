@@ -122,3 +122,44 @@ def test_one_training_iteration_per_config(tiny, name, extra):
     expected |= {"loss_region_word"} if cfg.loss.region_word else set()
     assert expected == {k for k in losses if k.startswith("loss_")}
     assert (out / "eval/metrics.json").is_file() and (out / "model_final.safetensors").is_file()
+
+
+def test_teacher_on_proposals_scores_softmax_times_objectness(tiny, tmp_path):
+    from detectors.inference import evaluate_teacher_on_proposals
+    from distill.data.coco import CocoDetection, dataset_paths
+
+    root, common = tiny
+    val = CocoDetection(*dataset_paths(load_config(REPO / "configs/shapes/vild.yaml", common), "val"))
+    C, D = len(val.categories), 16
+    text = torch.eye(C, D)
+    gt = {}  # image size -> GT of that image (images are told apart by their pixels)
+    for i in range(len(val)):
+        s = val[i]
+        gt[s["image"].float().sum().item()] = (s["boxes"], s["labels"])
+    rpn = _model()
+
+    def propose(images):  # every GT box (objectness 0.9) + one junk box (0.5)
+        out = []
+        for im in images:
+            boxes, _ = gt[im.float().sum().item()]
+            junk = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+            out.append({"boxes": torch.cat([boxes, junk]),
+                        "scores": torch.tensor([0.9] * len(boxes) + [0.5])})
+        return out
+
+    class Teacher:  # embeds a GT box as its class's text embedding, the junk box as class 0's
+        def regions(self, images, boxes, mode):
+            assert mode == "crop"
+            return [text[torch.cat([gt[im.float().sum().item()][1] - 1, torch.tensor([0])])]
+                    for im in images]
+
+    rpn.propose = propose
+    novel = [c.get("split") == "novel" for c in val.categories]
+    m = evaluate_teacher_on_proposals(rpn, Teacher(), val, text, novel, tmp_path, progress=False)
+    assert m["AP50_all"] == pytest.approx(1.0) and m["images_per_s"] > 0
+    results = json.loads(next(tmp_path.glob("*results*.json")).read_text())
+    # softmax(cos / 0.01) of a one-hot match is 1 / (1 + (C - 1) e^-100) = 1: the score is
+    # the objectness; the other classes' e^-100 fall under the score threshold
+    scores = [round(r["score"], 4) for r in results]
+    assert sorted(set(scores)) == [0.5, 0.9]
+    assert scores.count(0.9) == sum(len(b) for b, _ in gt.values()) and scores.count(0.5) == len(val)

@@ -36,3 +36,46 @@ def test_pipeline_config_typo_is_one_line(tmp_path, capsys):
     assert err == ("error: override 'world.sed=1': unknown config key 'world.sed'; "
                    "did you mean 'world.seed'?")
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, capsys):
+    from tools import ablation
+
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\nkept above\n\n<!-- ablation -->\nold\n<!-- /ablation -->\n"
+                       "\nkept below\n")
+    args = ["--no-progress", "--seeds", "0", "1", "--results", str(results),
+            f"output_dir={tmp_path / 'out'}", f"world.root={tmp_path / 'world'}",
+            f"cache.root={tmp_path / 'cache'}", *TINY]
+    assert ablation.main(args) == 0
+    out = capsys.readouterr().out
+    for label in ("ViLD-text", "ViLD-image", "ViLD", "ViLD-ensemble", "teacher on proposals"):
+        assert f"| {label} |" in out
+    saved = json.loads((tmp_path / "out/ablation.json").read_text())
+    assert set(saved["seeds"]) == {"0", "1"}
+    assert set(saved["seeds"]["1"]) == set(ablation.METHODS)
+    for m in ablation.METHODS:  # the mean row is the mean of the seeds
+        want = (saved["seeds"]["0"][m]["AP50_novel"] + saved["seeds"]["1"][m]["AP50_novel"]) / 2
+        assert abs(saved["mean"][m]["AP50_novel"] - want) < 1e-12
+    text = results.read_text()
+    assert text.startswith("# Results\n\nkept above\n") and text.endswith("\nkept below\n")
+    assert "old" not in text and text.count("<!-- ablation -->") == 1
+    assert "python -m tools.ablation --no-progress --seeds 0 1" in text
+    assert "World seed 1:" in text and "| ViLD images/s / teacher-on-proposals images/s |" in text
+    # the worlds differ by seed; both seeds' stages sit side by side
+    stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
+    assert stages == sorted(["vild_text", "vild_image", "vild", "vild_ensemble"] * 2)
+
+
+def test_ablation_floors_hand_computed():
+    from tools import ablation
+
+    def row(novel, speed=10.0):
+        return {"AP50_novel": novel, "AP50_base": 0.5, "AP50_all": 0.4, "AP": 0.2,
+                "images_per_s": speed}
+
+    mean = {"vild_text": row(0.10), "vild_image": row(0.2), "vild": row(0.25, 30.0),
+            "vild_ensemble": row(0.24), "teacher": row(0.30, 1.0)}
+    got = {what: (round(v, 4), ok) for what, v, _, ok in ablation.floors(mean, 50 * 60)}
+    assert list(got.values()) == [(2.5, True), (-1.0, False), (0.8333, True), (30.0, True),
+                                  (50.0, False)]

@@ -18,6 +18,7 @@ from distill.teacher import (
     Teacher,
     TeacherError,
     build_teacher,
+    cut_crops,
     enlarge_boxes,
     fill,
     templates,
@@ -113,30 +114,51 @@ def test_enlarge_boxes_hand_computed():
                                              [0, 5, 30, 50]]).float())
 
 
-def _manual_crop(x, x0, y0, x1, y1, size=64, n=2):
-    """roi_align(aligned=True, sampling_ratio=n) written out: per output pixel, the mean
-    of n x n bilinear samples at the bin's sub-centres (pixel centres at integers)."""
-    H, W = x.shape[-2:]
-    sub = (torch.arange(n) + 0.5) / n
-    xs = (x0 + (torch.arange(size)[:, None] + sub) * (x1 - x0) / size - 0.5).reshape(-1)
-    ys = (y0 + (torch.arange(size)[:, None] + sub) * (y1 - y0) / size - 0.5).reshape(-1)
-    gy, gx = torch.meshgrid((2 * ys + 1) / H - 1, (2 * xs + 1) / W - 1, indexing="ij")
-    grid = torch.stack([gx, gy], -1)[None]
-    s = F.grid_sample(x, grid, mode="bilinear", align_corners=False, padding_mode="border")
-    return s.reshape(1, 3, size, n, size, n).mean((3, 5))
+def _manual_crop(x, x0, y0, x1, y1, level, size=64):
+    """The crop rule written out: the image averaged over 2^level blocks, then one
+    bilinear sample per output pixel at its centre (pixel centres at integers + 0.5)."""
+    k = 2 ** level
+    src = F.avg_pool2d(x, k) if k > 1 else x
+    H, W = src.shape[-2:]
+    # centre of output pixel j in the level's pixel coordinates, minus 0.5: index units
+    xs = (x0 + (torch.arange(size) + 0.5) * (x1 - x0) / size) / k - 0.5
+    ys = (y0 + (torch.arange(size) + 0.5) * (y1 - y0) / size) / k - 0.5
+    xs, ys = xs.clamp(0, W - 1), ys.clamp(0, H - 1)
+    xa, ya = xs.floor().long().clamp(max=W - 2), ys.floor().long().clamp(max=H - 2)
+    fx, fy = xs - xa, ys - ya
+    rows = src[..., ya, :] * (1 - fy)[:, None] + src[..., ya + 1, :] * fy[:, None]
+    return rows[..., xa] * (1 - fx) + rows[..., xa + 1] * fx
+
+
+def test_cut_crops_level0_is_roi_align_and_levels_average_blocks():
+    from torchvision.ops import roi_align
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 100, 120, generator=gen)
+    # crops no larger than the output: one bilinear sample per pixel, as roi_align's
+    rois = torch.tensor([[0, 10, 20, 74, 84], [1, 0, 0, 64, 64], [1, 10.5, 3.2, 50, 40]])
+    torch.testing.assert_close(cut_crops(x, rois, (64, 64)),
+                               roi_align(x, rois, (64, 64), 1.0, 1, aligned=True),
+                               atol=1e-4, rtol=0)
+    # an exact 2x / 4x downscale of an aligned box is the mean of 2x2 / 4x4 blocks
+    big = torch.randn(1, 3, 128, 128, generator=gen)
+    whole = torch.tensor([[0, 0, 0, 128, 128.0]])
+    torch.testing.assert_close(cut_crops(big, whole, (64, 64)), F.avg_pool2d(big, 2))
+    torch.testing.assert_close(cut_crops(big, whole, (32, 32)), F.avg_pool2d(big, 4))
+    assert cut_crops(big, torch.zeros(0, 5), (8, 8)).shape == (0, 3, 8, 8)
 
 
 def test_crop_regions_equal_manual_crops(vit):
     img = _image(256, 256)
     # a 192 px box: the 1x crop is a 3x downscale; the 1.5x box [0, 0, 288, 288] is
     # clipped at the right and bottom borders to [0, 0, 256, 256]: a 4x downscale.
-    # Crops larger than the input average 2 x 2 bilinear samples per pixel.
+    # A 3x downscale samples the 2x2-averaged image, a 4x one the 4x4-averaged image.
     boxes = torch.tensor([[48.0, 48, 240, 240]])
     got = vit.regions(img, boxes)
     x = _norm_image(vit, img)[None]
     with torch.no_grad():
-        c1 = _manual_crop(x, 48, 48, 240, 240)
-        c2 = _manual_crop(x, 0, 0, 256, 256)
+        c1 = _manual_crop(x, 48, 48, 240, 240, level=1)
+        c2 = _manual_crop(x, 0, 0, 256, 256, level=2)
         e = F.normalize(vit.model.encode_image(torch.cat([c1, c2])), dim=-1)
         want = F.normalize(e.sum(0), dim=0)
     torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)

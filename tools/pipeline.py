@@ -71,7 +71,10 @@ def teacher_stage(cfg: ExperimentConfig, world: World, progress: bool) -> tuple[
     return teacher, info
 
 
-STUDENTS = {"vild_text": "configs/shapes/vild_text.yaml", "vild": "configs/shapes/vild.yaml"}
+STUDENTS = {"vild_text": "configs/shapes/vild_text.yaml", "vild_image": "configs/shapes/vild_image.yaml",
+            "vild": "configs/shapes/vild.yaml", "vild_ensemble": "configs/shapes/vild_ensemble.yaml"}
+LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
+          "vild_ensemble": "ViLD-ensemble", "teacher": "teacher on proposals"}
 
 
 def _stage_dir(root: Path, name: str, cfg: ExperimentConfig) -> Path:
@@ -134,13 +137,56 @@ def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list
     return cache
 
 
+def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
+    """ViLD's baseline: the teacher classifies the ViLD-text RPN's proposals on the val split."""
+    from detectors.inference import evaluate_teacher_on_proposals
+    from distill.data.coco import CocoDetection, dataset_paths
+    from distill.engine import load_weights
+    from tools import train
+
+    summary = rpn_dir / "teacher_on_proposals" / "summary.json"
+    if summary.is_file():
+        print(f"teacher on proposals: reusing {summary.parent}")
+        return json.loads(summary.read_text())
+    cfg = load_config(rpn_dir / "config.yaml")
+    teacher = Teacher.from_config(cfg.teacher)
+    rpn = train.build_student(cfg, teacher)
+    load_weights(rpn, rpn_dir / "model_final.safetensors")
+    val = CocoDetection(*dataset_paths(cfg, "val"))
+    novel = [c.get("split") == "novel" for c in val.categories]
+    metrics = evaluate_teacher_on_proposals(rpn, teacher, val, teacher.text(val.names), novel,
+                                            summary.parent, temperature=cfg.model.temperature,
+                                            progress=progress)
+    atomic_write(summary, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def run_world(overrides: list[str], root: Path, progress: bool, students: list[str],
+              teacher_baseline: bool = False) -> dict[str, dict]:
+    """Every stage on one world: ViLD-text (and its RPN), proposals, cache, then ``students``.
+
+    Returns metrics per method (``vild_text``, the others of ``students``, and
+    ``teacher`` with ``teacher_baseline``).
+    """
+    rpn_dir, vild_text = student_stage("vild_text", overrides, root, progress)
+    results = {"vild_text": vild_text}
+    proposals = proposals_stage(rpn_dir, overrides, progress)
+    cache = extract_stage(proposals, overrides, progress)
+    for name in students:
+        if name != "vild_text":
+            results[name] = student_stage(name, overrides, root, progress, cache)[1]
+    if teacher_baseline:
+        results["teacher"] = teacher_stage_on_proposals(rpn_dir, progress)
+    return results
+
+
 def _table(rows: dict[str, dict]) -> str:
-    lines = ["| student | novel AP50 | base AP50 | all AP50 | AP | images/s |",
+    lines = ["| method | novel AP50 | base AP50 | all AP50 | AP | images/s |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | {100 * m['AP50_novel']:.1f} | {100 * m['AP50_base']:.1f} | "
-                     f"{100 * m['AP50_all']:.1f} | {100 * m['AP']:.1f} | "
-                     f"{m['images_per_s']:.1f} |")
+        lines.append(f"| {LABELS.get(name, name)} | {100 * m['AP50_novel']:.1f} | "
+                     f"{100 * m['AP50_base']:.1f} | {100 * m['AP50_all']:.1f} | "
+                     f"{100 * m['AP']:.1f} | {m['images_per_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -159,13 +205,8 @@ def _run(args) -> int:
     _, summary["teacher"] = teacher_stage(cfg, world, progress)
 
     # the user's overrides reach every stage; the stage files set the rest
-    overrides = list(args.overrides)
-    rpn_dir, vild_text = student_stage("vild_text", overrides, out, progress)
-    proposals = proposals_stage(rpn_dir, overrides, progress)
-    cache = extract_stage(proposals, overrides, progress)
-    _, vild = student_stage("vild", overrides, out, progress, cache)
-    summary["students"] = {"vild_text": vild_text, "vild": vild}
-    table = _table({"ViLD-text": vild_text, "ViLD": vild})
+    summary["students"] = run_world(list(args.overrides), out, progress, ["vild_text", "vild"])
+    table = _table(summary["students"])
     summary["table"] = table
     print("\nbox AP on the val split, generalized setting (all classes in the vocabulary):")
     print(table)

@@ -9,6 +9,7 @@ from distill.teacher.clip import (
     Teacher,
     TeacherError,
     build_teacher,
+    cut_crops,
     enlarge_boxes,
     load_clip,
     register_model_config,
@@ -18,6 +19,6 @@ from distill.teacher.prompts import TEMPLATE_SETS, fill, templates
 
 __all__ = [
     "DENSE_MODES", "REGION_MODES", "TEMPLATE_SETS", "DenseUnsupported", "Teacher", "TeacherError",
-    "build_teacher", "dense_features", "enlarge_boxes", "fill", "load_clip",
+    "build_teacher", "cut_crops", "dense_features", "enlarge_boxes", "fill", "load_clip",
     "register_model_config", "templates",
 ]

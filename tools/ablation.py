@@ -1,0 +1,125 @@
+"""The ViLD ablation on the embedded world: every student and the teacher baseline, per seed.
+
+    python -m tools.ablation [--config configs/shapes/pipeline.yaml] [--seeds 0 1]
+                             [--results docs/results.md] [key=value ...]
+
+For each world seed (``world.seed``): ViLD-text (whose RPN proposes for the
+rest), proposals, the teacher's region cache, ViLD-image, ViLD, ViLD-ensemble,
+and the teacher classifying the RPN's proposals (ViLD's "CLIP on cropped
+regions"). The stages are the main job's (``tools/pipeline.py``): seed 0's
+ViLD-text and ViLD are reused from it, and a rerun reuses everything.
+
+Prints the table (box AP50 on novel / base / all classes of the val split,
+generalized setting; inference images/s), the mean over seeds and each seed,
+then the floors of the issue; writes ``output_dir/ablation.json`` and, with
+``--results``, the table and the command into that markdown file (between the
+``<!-- ablation -->`` markers, rest of the file kept).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from distill.config import atomic_write, save_config
+from tools import cli, pipeline
+
+METHODS = ["vild_text", "vild_image", "vild", "vild_ensemble", "teacher"]
+MARK_BEGIN, MARK_END = "<!-- ablation -->", "<!-- /ablation -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.config_parser(__doc__.splitlines()[0], "configs/shapes/pipeline.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="world seeds (0 1)")
+    parser.add_argument("--results", default=None,
+                        help="markdown file to write the table into (e.g. docs/results.md)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    command = "python -m tools.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
+    return cli.run(lambda a: _run(a, command), args)
+
+
+def mean_rows(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Mean of every metric over the seeds, per method."""
+    methods = next(iter(per_seed.values())).keys()
+    return {m: {k: statistics.fmean(r[m][k] for r in per_seed.values())
+                for k in ("AP50_novel", "AP50_base", "AP50_all", "AP", "images_per_s")}
+            for m in methods}
+
+
+def floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, float, str, bool]]:
+    """(what, value, floor, pass) for each floor of the ablation, on the means over seeds."""
+    novel = {m: r["AP50_novel"] for m, r in mean.items()}
+    speed = mean["vild"]["images_per_s"] / max(mean["teacher"]["images_per_s"], 1e-9)
+    rows = [
+        ("ViLD novel AP50 / ViLD-text novel AP50", novel["vild"] / max(novel["vild_text"], 1e-9),
+         ">= 2", novel["vild"] >= 2 * novel["vild_text"]),
+        ("ViLD-ensemble novel AP50 - ViLD novel AP50 (points)",
+         100 * (novel["vild_ensemble"] - novel["vild"]), ">= 0",
+         novel["vild_ensemble"] >= novel["vild"]),
+        ("ViLD novel AP50 / teacher-on-proposals novel AP50",
+         novel["vild"] / max(novel["teacher"], 1e-9), ">= 0.8",
+         novel["vild"] >= 0.8 * novel["teacher"]),
+        ("ViLD images/s / teacher-on-proposals images/s", speed, ">= 20", speed >= 20),
+        ("ablation wall time (minutes)", seconds / 60, "<= 45", seconds <= 45 * 60),
+    ]
+    return rows
+
+
+def report(per_seed: dict[int, dict[str, dict]], seconds: float, command: str) -> str:
+    """The markdown section: mean table, per-seed tables, floors."""
+    mean = mean_rows(per_seed)
+    seeds = ", ".join(str(s) for s in per_seed)
+    lines = [f"Command: `{command}`", "",
+             f"Box AP on the val split of the embedded world, generalized setting (all 16 "
+             f"object classes in the vocabulary), mean over world seeds {seeds}; wall time "
+             f"{seconds / 60:.1f} min on this machine.", "", pipeline._table(mean), ""]
+    for seed, rows in per_seed.items():
+        lines += [f"World seed {seed}:", "", pipeline._table(rows), ""]
+    lines += ["| floor | value | target | |", "|---|---:|---|---|"]
+    lines += [f"| {what} | {value:.2f} | {target} | {'PASS' if ok else 'FAIL'} |"
+              for what, value, target, ok in floors(mean, seconds)]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between the ablation markers of ``path`` (appended when absent)."""
+    text = path.read_text() if path.is_file() else "# Results\n"
+    block = f"{MARK_BEGIN}\n{section}{MARK_END}"
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write(path, text)
+
+
+def _run(args, command: str) -> int:
+    cfg = cli.load(args)
+    progress = not args.no_progress
+    out = Path(cfg.output_dir)
+    save_config(cfg, out / "ablation_config.yaml")
+    t = time.perf_counter()
+    per_seed: dict[int, dict[str, dict]] = {}
+    for seed in args.seeds:
+        overrides = [*args.overrides, f"world.seed={seed}"]
+        print(f"\n=== world seed {seed} ===")
+        per_seed[seed] = pipeline.run_world(overrides, out, progress, METHODS[:-1],
+                                            teacher_baseline=True)
+    seconds = time.perf_counter() - t
+    section = report(per_seed, seconds, command)
+    print("\n" + section)
+    atomic_write(out / "ablation.json", json.dumps(
+        {"command": command, "seconds": round(seconds, 1), "seeds": per_seed,
+         "mean": mean_rows(per_seed)}, indent=2) + "\n")
+    if args.results:
+        write_section(Path(args.results), section)
+        print(f"table written to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
