@@ -176,8 +176,9 @@ def bench_teacher(name: str, teacher: Teacher, images: list[Tensor], boxes: list
 
     def cut():
         with torch.inference_mode():
+            pyramid: dict = {}
             for r in rois.split(teacher.batch_size):
-                teacher.crops(stacked, r)
+                teacher.crops(stacked, r, pyramid)
 
     crop_emb: list[Tensor] = []
     dense_emb: list[Tensor] = []

@@ -99,7 +99,7 @@ class PretrainConfig:
     """Contrastive pretraining of the tiny teacher on the synthetic world's captions."""
 
     output: str = "configs/shapes/teacher/tiny_rn_shapes.safetensors"
-    iters: int = 2400
+    iters: int = 1500
     batch_size: int = 96  # 6 colours x 16 shapes: one crop per (shape, colour)
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -123,6 +123,7 @@ class DetectorConfig:
     ensemble_lambda: float = 0.6667  # base: text^l image^(1-l); novel: text^(1-l) image^l
     hidden: int = 1024  # width of the RoI head's two FC layers
     box_batch_size_per_image: int = 512
+    roi_sampling_ratio: int = 2  # RoIAlign samples per bin side (torchvision's Faster R-CNN: 2)
     box_score_thresh: float = 0.001
     box_detections_per_img: int = 100
     rpn_post_nms_top_n_test: int = 300  # ViLD: 300 proposals per image

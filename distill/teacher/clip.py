@@ -49,7 +49,8 @@ _TEXT_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()  # (fingerprint, names, 
 _TEXT_CACHE_SIZE = 32
 
 
-def cut_crops(images: Tensor, rois: Tensor, size: tuple[int, int]) -> Tensor:
+def cut_crops(images: Tensor, rois: Tensor, size: tuple[int, int],
+              pyramid: dict[int, Tensor] | None = None) -> Tensor:
     """Antialiased bilinear crop-and-resize: (K, 3, *size).
 
     images (B, 3, H, W); rois (K, 5) = (batch index, x0, y0, x1, y1) in pixels, pixel
@@ -60,6 +61,8 @@ def cut_crops(images: Tensor, rois: Tensor, size: tuple[int, int]) -> Tensor:
     covers instead of aliasing. Samples are clamped to the image border. One
     ``grid_sample`` per (image, level) cuts all their crops; roi_align with a fixed
     2 x 2 sampling cost ~10x more here than the tiny teacher's encoder (docs/benchmarks.md).
+    ``pyramid`` (level -> averaged images), filled as levels are needed, lets calls on
+    the same images share the averaging.
     """
     rois = rois.to(images.device, torch.float32)
     out = images.new_empty(len(rois), images.shape[1], *size)
@@ -71,9 +74,12 @@ def cut_crops(images: Tensor, rois: Tensor, size: tuple[int, int]) -> Tensor:
     levels = levels.clamp(max=int(math.log2(max(min(height, width), 1))))
     tx = (torch.arange(size[1], device=images.device) + 0.5) / size[1]
     ty = (torch.arange(size[0], device=images.device) + 0.5) / size[0]
+    pyramid = {} if pyramid is None else pyramid
     for level in levels.unique().tolist():
         k = 2 ** level
-        pyr = F.avg_pool2d(images, k, ceil_mode=True) if k > 1 else images
+        if level not in pyramid:
+            pyramid[level] = F.avg_pool2d(images, k, ceil_mode=True) if k > 1 else images
+        pyr = pyramid[level]
         # normalised coordinates: -1 and 1 are the outer edges of the level's pixels
         span_x, span_y = pyr.shape[-1] * k, pyr.shape[-2] * k
         for b in rois[levels == level, 0].unique().long().tolist():
@@ -375,9 +381,10 @@ class Teacher(nn.Module):
                 rois.append(torch.cat([torch.full((len(e), 1), float(i)), e], dim=1))
         return torch.cat(rois).to(self.device)
 
-    def crops(self, stacked: Tensor, rois: Tensor) -> Tensor:
+    def crops(self, stacked: Tensor, rois: Tensor,
+              pyramid: dict[int, Tensor] | None = None) -> Tensor:
         """Crop-and-resize to the input size: (K, 3, S, S); see :func:`cut_crops`."""
-        return cut_crops(stacked, rois, self.image_size)
+        return cut_crops(stacked, rois, self.image_size, pyramid)
 
     def regions(
         self,
@@ -413,7 +420,8 @@ class Teacher(nn.Module):
             stacked = self._stack(images)
             rois = self.crop_rois(images, boxes)
             # cut crops one encoder batch at a time: memory stays at batch_size crops
-            emb = torch.cat([self._encode(self.crops(stacked, r))
+            pyramid: dict[int, Tensor] = {}
+            emb = torch.cat([self._encode(self.crops(stacked, r, pyramid))
                              for r in rois.split(self.batch_size)])
             n = sum(len(b) for b in boxes)
             emb = F.normalize(emb.view(len(self.crop_scales), n, -1).sum(0), dim=-1)
