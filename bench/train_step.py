@@ -1,8 +1,10 @@
 """Time per training iteration: the ViLD student (cached embeddings) vs. torchvision Faster R-CNN.
 
-    python bench/train_step.py [--iters 10 --batch 4 --size 160 --proposals 64 --threads N]
+    python bench/train_step.py [--model vild_r10_fpn --iters 10 --batch 4 --size 128
+                                --roi-sampling-ratio 1 --proposals 64 --threads N]
 
-Both use the same ResNet-18/FPN-64 backbone, input size, RPN and RoI sampling;
+Defaults are the embedded world's students (configs/shapes/base.yaml). Both models use
+the same ResNet/FPN-64 backbone, input size, RPN, RoI pooler and RoI sampling;
 the student adds the embedding head, the text classifier and the ViLD-image L1
 on ``--proposals`` cached boxes per image (no teacher runs). Iterations alternate
 between the two models so that machine load hits both alike; medians are reported.
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--model", default="vild_r10_fpn", choices=["vild_r10_fpn", "vild_r18_fpn"])
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--roi-sampling-ratio", type=int, default=1)
     p.add_argument("--proposals", type=int, default=64, help="cached proposals per image")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--rois", type=int, default=128, help="sampled RoIs per image")
@@ -58,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     dim = 128
     torch.manual_seed(0)
-    student = build_detector("vild_r18_fpn", embed_dim=dim, image_size=a.size, hidden=a.hidden,
-                             box_batch_size_per_image=a.rois)
+    student = build_detector(a.model, embed_dim=dim, image_size=a.size, hidden=a.hidden,
+                             box_batch_size_per_image=a.rois,
+                             roi_sampling_ratio=a.roi_sampling_ratio)
+    depth = int(a.model.split("_r")[1].split("_")[0])
     student.set_vocabulary(F.normalize(torch.randn(12, dim), dim=-1))
     criterion = Criterion()
     # the same parts, with torchvision's own box head / predictor / losses
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    frcnn = FasterRCNN(resnet_fpn(18, (2, 3, 4), 64, "gn"), num_classes=None,
+    frcnn = FasterRCNN(resnet_fpn(depth, (2, 3, 4), 64, "gn"), num_classes=None,
                        min_size=a.size, max_size=a.size,
                        rpn_anchor_generator=student.rpn.anchor_generator,
                        box_roi_pool=student.roi_heads.box_roi_pool,
@@ -98,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(step(name))
     v, f = statistics.median(times["vild"]), statistics.median(times["frcnn"])
     ratio = v / f
-    print(f"settings: batch {a.batch}, {a.size} px, {a.rois} RoIs/image, {a.proposals} cached "
+    print(f"settings: {a.model}, batch {a.batch}, {a.size} px, {a.rois} RoIs/image (RoIAlign "
+          f"sampling {a.roi_sampling_ratio}), {a.proposals} cached "
           f"proposals/image, hidden {a.hidden}, {a.iters} iterations each (alternating), "
           f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
     print("| model | s / iteration (median) |\n|---|---:|")
-    print(f"| torchvision Faster R-CNN (R18-FPN-64) | {f:.3f} |")
+    print(f"| torchvision Faster R-CNN (R{depth}-FPN-64) | {f:.3f} |")
     print(f"| ViLD student + cached embeddings | {v:.3f} |")
     print(f"| ratio student / Faster R-CNN | {ratio:.2f} {'PASS' if ratio <= 1.15 else 'FAIL'} "
           "(floor <= 1.15) |")

@@ -11,13 +11,24 @@ from detectors.backbones import resnet_fpn
 from detectors.vild import ViLD, build_vild
 
 
-def vild_r18_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
-                 backbone_weights: str | None = None, image_size: int = 160, **kwargs) -> ViLD:
-    """Small ResNet-18/FPN ViLD student for the embedded world (strides 8-64, from scratch)."""
-    backbone = resnet_fpn(18, (2, 3, 4), fpn_channels, norm, backbone_weights)
+def _small_vild(depth: int, embed_dim: int, fpn_channels: int, norm: str,
+                backbone_weights: str | None, image_size: int, **kwargs) -> ViLD:
+    backbone = resnet_fpn(depth, (2, 3, 4), fpn_channels, norm, backbone_weights)
     return build_vild(backbone, embed_dim, min_size=image_size, max_size=image_size,
                       anchor_sizes=((16,), (32,), (64,), (128,)), featmap_names=("0", "1", "2"),
                       **kwargs)
+
+
+def vild_r18_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
+                 backbone_weights: str | None = None, image_size: int = 160, **kwargs) -> ViLD:
+    """Small ResNet-18/FPN ViLD student for the embedded world (strides 8-32 + pool, from scratch)."""
+    return _small_vild(18, embed_dim, fpn_channels, norm, backbone_weights, image_size, **kwargs)
+
+
+def vild_r10_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
+                 backbone_weights: str | None = None, image_size: int = 160, **kwargs) -> ViLD:
+    """As :func:`vild_r18_fpn` with one BasicBlock per stage (ResNet-10): half the backbone cost."""
+    return _small_vild(10, embed_dim, fpn_channels, norm, backbone_weights, image_size, **kwargs)
 
 
 def vild_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_bn",
@@ -31,7 +42,8 @@ def vild_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen
                       featmap_names=("0", "1", "2", "3"), **kwargs)
 
 
-BUILDERS = {"vild_r18_fpn": vild_r18_fpn, "vild_r50_fpn": vild_r50_fpn}
+BUILDERS = {"vild_r10_fpn": vild_r10_fpn, "vild_r18_fpn": vild_r18_fpn,
+            "vild_r50_fpn": vild_r50_fpn}
 
 
 def build_detector(name: str, **kwargs) -> ViLD:

@@ -11,7 +11,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 512, 1024, 2048]}
+_CHANNELS = {10: [64, 128, 256, 512], 18: [64, 128, 256, 512], 34: [64, 128, 256, 512],
+             50: [256, 512, 1024, 2048]}
 
 
 def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 64,
@@ -24,12 +25,15 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
     ResNet state_dict (.pth/.safetensors), loaded safely; None trains from scratch.
     """
     if depth not in _CHANNELS:
-        raise ValueError(f"model.depth: unsupported ResNet depth {depth} (valid: 18, 34, 50)")
+        raise ValueError(f"model.depth: unsupported ResNet depth {depth} (valid: 10, 18, 34, 50)")
     norms = {"gn": lambda c: nn.GroupNorm(min(32, c // 8), c), "bn": nn.BatchNorm2d,
              "frozen_bn": FrozenBatchNorm2d}
     if norm not in norms:
         raise ValueError(f"model.norm: unknown norm '{norm}' (valid: {', '.join(norms)})")
-    body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=norms[norm])
+    if depth == 10:  # ResNet-18 with one BasicBlock per stage: half its cost, for tiny worlds
+        body = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norms[norm])
+    else:
+        body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=norms[norm])
     if weights is not None:
         body.load_state_dict(_load_state_dict(Path(weights)), strict=False)
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]

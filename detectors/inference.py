@@ -45,12 +45,12 @@ def evaluate_detector(model: ViLD, dataset: CocoDetection, text_embeddings: torc
 def evaluate_teacher_on_proposals(rpn: ViLD, teacher, dataset: CocoDetection,
                                   text_embeddings: torch.Tensor, novel: Sequence[bool],
                                   out_dir: str | os.PathLike | None = None, batch_size: int = 4,
-                                  temperature: float = 0.01,
+                                  temperature: float = 0.01, num_proposals: int | None = None,
                                   progress: bool = True) -> dict[str, float]:
     """ViLD's "teacher on cropped regions" baseline, scored like :func:`evaluate_detector`.
 
     Per image: ``rpn``'s class-agnostic proposals (its ``rpn_post_nms_top_n_test``
-    best), embedded by ``teacher`` in crop mode (1x + 1.5x crops), classified
+    best, or the ``num_proposals`` best of those), embedded by ``teacher`` in crop mode (1x + 1.5x crops), classified
     against ``text_embeddings``: score = softmax over the vocabulary of
     cosine / ``temperature``, times the proposal's objectness (the teacher has
     no background class); then the student's post-processing (threshold,
@@ -60,7 +60,7 @@ def evaluate_teacher_on_proposals(rpn: ViLD, teacher, dataset: CocoDetection,
     heads = rpn.roi_heads
 
     def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        proposals = rpn.propose(images)
+        proposals = [{k: v[:num_proposals] for k, v in p.items()} for p in rpn.propose(images)]
         embeddings = teacher.regions(images, [p["boxes"] for p in proposals], mode="crop")
         out = []
         for im, p, e in zip(images, proposals, embeddings, strict=True):

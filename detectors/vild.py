@@ -89,27 +89,48 @@ class EmbeddingRoIHeads(RoIHeads):
         if self.training:
             proposals, _, labels, regression_targets = self.select_training_samples(
                 proposals, targets)
+            if distill is not None:  # one pooling (and one head) pass over both box sets
+                return self._train_with_distill(features, proposals, image_shapes, distill,
+                                                labels, regression_targets)
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         embeddings, box_regression = self.text_head(pooled)
         if self.training:
-            out = {"region_embeddings": embeddings, "labels": torch.cat(labels),
-                   "box_regression": box_regression,
-                   "regression_targets": torch.cat(regression_targets),
-                   "text_embeddings": self.text_embeddings,
-                   "background_embedding": self.background_embedding(),
-                   "temperature": self.temperature}
-            if distill is not None:
-                boxes = [d["boxes"] for d in distill]
-                head = self.image_head or self.text_head
-                out["distill_embeddings"] = head(self.box_roi_pool(features, boxes, image_shapes))[0]
-                out["distill_targets"] = torch.cat([d["embeddings"] for d in distill])
-            return out
+            return self._train_outputs(embeddings, box_regression, labels, regression_targets)
         probs = self.class_probs(embeddings)
         if self.image_head is not None:
             image_probs = self.class_probs(self.image_head(pooled)[0])
             probs = ensemble_scores(probs, image_probs, self.novel_mask, self.ensemble_lambda)
         boxes = self.box_coder.decode(box_regression, proposals).reshape(-1, 4)  # (R, 4)
         return self.postprocess(probs, boxes, [len(p) for p in proposals], image_shapes)
+
+    def _train_outputs(self, embeddings, box_regression, labels, regression_targets) -> dict:
+        return {"region_embeddings": embeddings, "labels": torch.cat(labels),
+                "box_regression": box_regression,
+                "regression_targets": torch.cat(regression_targets),
+                "text_embeddings": self.text_embeddings,
+                "background_embedding": self.background_embedding(),
+                "temperature": self.temperature}
+
+    def _train_with_distill(self, features, proposals, image_shapes, distill, labels,
+                            regression_targets) -> dict:
+        """Sampled RoIs and cached distillation boxes pooled in one call: per image the
+        sampled ones then the cached ones (the pooler keeps the input order)."""
+        boxes = [torch.cat([p, d["boxes"].to(p.dtype)]) for p, d in
+                 zip(proposals, distill, strict=True)]
+        pooled = self.box_roi_pool(features, boxes, image_shapes)
+        is_distill = torch.cat([torch.arange(len(b), device=pooled.device) >= len(p)
+                                for b, p in zip(boxes, proposals, strict=True)])
+        if self.image_head is None:  # ViLD: one head embeds both sets
+            embeddings, box_regression = self.text_head(pooled)
+            out = self._train_outputs(embeddings[~is_distill], box_regression[~is_distill],
+                                      labels, regression_targets)
+            out["distill_embeddings"] = embeddings[is_distill]
+        else:  # ViLD-ensemble: the image head embeds the cached boxes
+            out = self._train_outputs(*self.text_head(pooled[~is_distill]), labels,
+                                      regression_targets)
+            out["distill_embeddings"] = self.image_head(pooled[is_distill])[0]
+        out["distill_targets"] = torch.cat([d["embeddings"] for d in distill])
+        return out
 
     def postprocess(self, probs: Tensor, boxes: Tensor, counts: list[int],
                     image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
@@ -221,7 +242,8 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
                ensemble_lambda: float = 2 / 3, anchor_sizes=((32,), (64,), (128,), (256,)),
                rpn_pre_nms_top_n_train: int = 2000, rpn_post_nms_top_n_train: int = 1000,
                rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_test: int = 300,
-               box_batch_size_per_image: int = 512, box_score_thresh: float = 0.001,
+               box_batch_size_per_image: int = 512, roi_sampling_ratio: int = 2,
+               box_score_thresh: float = 0.001,
                box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                hidden: int = 1024, featmap_names: tuple[str, ...] = ("0", "1", "2", "3"),
                image_mean=(0.485, 0.456, 0.406),
@@ -235,7 +257,7 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
         pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
         post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
         nms_thresh=0.7)
-    pool = MultiScaleRoIAlign(list(featmap_names), output_size=7, sampling_ratio=2)
+    pool = MultiScaleRoIAlign(list(featmap_names), output_size=7, sampling_ratio=roi_sampling_ratio)
     roi_heads = EmbeddingRoIHeads(
         pool, EmbeddingHead(channels, 7, embed_dim, hidden),
         EmbeddingHead(channels, 7, embed_dim, hidden, box_regression=False) if ensemble else None,

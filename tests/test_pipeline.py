@@ -65,6 +65,12 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
     # the worlds differ by seed; both seeds' stages sit side by side
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
     assert stages == sorted(["vild_text", "vild_image", "vild", "vild_ensemble"] * 2)
+    wall = next(line for line in text.splitlines() if line.startswith("| ablation wall time"))
+    assert wall.endswith("| <= 45 | PASS |")  # nothing reused: the tiny run is timed
+    # a rerun reuses every stage: its wall time says nothing about the floor
+    assert ablation.main(args) == 0
+    text = results.read_text()
+    assert "| n/a: stages reused |" in text and "0/teacher, 1/vild_text" in text
 
 
 def test_ablation_floors_hand_computed():

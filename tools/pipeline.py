@@ -10,8 +10,8 @@ Stages, each cached on disk and reused by the next run:
 3. ViLD-text: a student trained on base-class boxes only (no distillation); its
    RPN, trained on base classes, is the class-agnostic proposal network;
 4. proposals: that RPN's top proposals for every training image (300, as ViLD);
-5. extraction: teacher embeddings (1x + 1.5x crops) of the top 100 of them (ViLD
-   embeds 300; 100 keeps this stage near 7 minutes on 2 CPU cores);
+5. extraction: teacher embeddings (1x + 1.5x crops) of the top 64 of them (ViLD
+   embeds 300; 64 keeps this stage near 4 minutes on 2 CPU cores);
 6. ViLD: a student trained with ViLD-text + ViLD-image distillation from the cache;
 7. the result table (box AP50 on novel, base and all classes, generalized setting).
 
@@ -73,6 +73,7 @@ def teacher_stage(cfg: ExperimentConfig, world: World, progress: bool) -> tuple[
 
 STUDENTS = {"vild_text": "configs/shapes/vild_text.yaml", "vild_image": "configs/shapes/vild_image.yaml",
             "vild": "configs/shapes/vild.yaml", "vild_ensemble": "configs/shapes/vild_ensemble.yaml"}
+CACHED_PROPOSALS = 64  # per training image; the teacher baseline classifies as many per val image
 LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
           "vild_ensemble": "ViLD-ensemble", "teacher": "teacher on proposals"}
 
@@ -93,7 +94,7 @@ def student_stage(name: str, overrides: list[str], root: Path, progress: bool,
     summary = out / "eval" / "summary.json"
     if summary.is_file():
         print(f"{name}: reusing {out}")
-        return out, json.loads(summary.read_text())
+        return out, {**json.loads(summary.read_text()), "reused": True}
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     t = time.perf_counter()
     metrics = train.run(cfg, resume=True, progress=progress)  # resumes a killed run
@@ -128,7 +129,7 @@ def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list
 
     digest = hashlib.sha256(proposals.read_bytes()).hexdigest()[:8]
     cache = [f"cache.proposals={proposals}", f"cache.name=shapes_train_rpn-{digest}",
-             "cache.num_proposals=100"]
+             f"cache.num_proposals={CACHED_PROPOSALS}"]
     args = ["--config", str(cli.REPO / "configs/shapes/extract.yaml"), *overrides, *cache]
     if not progress:
         args.append("--no-progress")
@@ -137,17 +138,18 @@ def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list
     return cache
 
 
-def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
-    """ViLD's baseline: the teacher classifies the ViLD-text RPN's proposals on the val split."""
+def teacher_stage_on_proposals(rpn_dir: Path, progress: bool, num_proposals: int) -> dict:
+    """ViLD's baseline: the teacher classifies the ViLD-text RPN's proposals on the val split
+    (its ``num_proposals`` best per image: as many as the cache holds per training image)."""
     from detectors.inference import evaluate_teacher_on_proposals
     from distill.data.coco import CocoDetection, dataset_paths
     from distill.engine import load_weights
     from tools import train
 
-    summary = rpn_dir / "teacher_on_proposals" / "summary.json"
+    summary = rpn_dir / f"teacher_on_{num_proposals}_proposals" / "summary.json"
     if summary.is_file():
         print(f"teacher on proposals: reusing {summary.parent}")
-        return json.loads(summary.read_text())
+        return {**json.loads(summary.read_text()), "reused": True}
     cfg = load_config(rpn_dir / "config.yaml")
     teacher = Teacher.from_config(cfg.teacher)
     rpn = train.build_student(cfg, teacher)
@@ -156,7 +158,7 @@ def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
     novel = [c.get("split") == "novel" for c in val.categories]
     metrics = evaluate_teacher_on_proposals(rpn, teacher, val, teacher.text(val.names), novel,
                                             summary.parent, temperature=cfg.model.temperature,
-                                            progress=progress)
+                                            num_proposals=num_proposals, progress=progress)
     atomic_write(summary, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -176,7 +178,7 @@ def run_world(overrides: list[str], root: Path, progress: bool, students: list[s
         if name != "vild_text":
             results[name] = student_stage(name, overrides, root, progress, cache)[1]
     if teacher_baseline:
-        results["teacher"] = teacher_stage_on_proposals(rpn_dir, progress)
+        results["teacher"] = teacher_stage_on_proposals(rpn_dir, progress, CACHED_PROPOSALS)
     return results
 
 
