@@ -79,13 +79,17 @@ def report(per_seed: dict[int, dict[str, dict]], seconds: float, command: str) -
     """The markdown section: mean table, per-seed tables, floors."""
     mean = mean_rows(per_seed)
     seeds = ", ".join(str(s) for s in per_seed)
+    earlier = reused(per_seed)
+    wall = f"wall time {seconds / 60:.1f} min on this machine"
+    if earlier:
+        wall += f", with {len(earlier)} stage(s) taken from earlier runs"
     lines = [f"Command: `{command}`", "",
              f"Box AP on the val split of the embedded world, generalized setting (all 16 "
-             f"object classes in the vocabulary), mean over world seeds {seeds}; wall time "
-             f"{seconds / 60:.1f} min on this machine.", "", pipeline._table(mean), ""]
-    for seed, rows in per_seed.items():
-        lines += [f"World seed {seed}:", "", pipeline._table(rows), ""]
-    earlier = reused(per_seed)
+             f"object classes in the vocabulary), mean over world seeds {seeds}; {wall}.",
+             "", pipeline._table(mean), ""]
+    if len(per_seed) > 1:
+        for seed, rows in per_seed.items():
+            lines += [f"World seed {seed}:", "", pipeline._table(rows), ""]
     lines += ["| floor | value | target | |", "|---|---:|---|---|"]
     for what, value, target, ok in floors(mean, seconds):
         verdict = "PASS" if ok else "FAIL"
