@@ -54,7 +54,7 @@ def floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, float, str,
     """(what, value, floor, pass) for each floor of the ablation, on the means over seeds."""
     novel = {m: r["AP50_novel"] for m, r in mean.items()}
     speed = mean["vild"]["images_per_s"] / max(mean["teacher"]["images_per_s"], 1e-9)
-    rows = [
+    return [
         ("ViLD novel AP50 / ViLD-text novel AP50", novel["vild"] / max(novel["vild_text"], 1e-9),
          ">= 2", novel["vild"] >= 2 * novel["vild_text"]),
         ("ViLD-ensemble novel AP50 - ViLD novel AP50 (points)",
@@ -66,7 +66,6 @@ def floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, float, str,
         ("ViLD images/s / teacher-on-proposals images/s", speed, ">= 20", speed >= 20),
         ("ablation wall time (minutes)", seconds / 60, "<= 45", seconds <= 45 * 60),
     ]
-    return rows
 
 
 def reused(per_seed: dict[int, dict[str, dict]]) -> list[str]:

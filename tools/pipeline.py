@@ -11,7 +11,7 @@ Stages, each cached on disk and reused by the next run:
    RPN, trained on base classes, is the class-agnostic proposal network;
 4. proposals: that RPN's top proposals for every training image (300, as ViLD);
 5. extraction: teacher embeddings (1x + 1.5x crops) of the top 64 of them (ViLD
-   embeds 300; 64 keeps this stage near 4 minutes on 2 CPU cores);
+   embeds 300; 64 keeps this stage at 5.5 minutes on 2 CPU cores);
 6. ViLD: a student trained with ViLD-text + ViLD-image distillation from the cache;
 7. the result table (box AP50 on novel, base and all classes, generalized setting).
 
@@ -103,19 +103,27 @@ def student_stage(name: str, overrides: list[str], root: Path, progress: bool,
     return out, metrics
 
 
-def proposals_stage(rpn_dir: Path, overrides: list[str], progress: bool) -> Path:
+def _load_student(stage_dir: Path) -> tuple[ExperimentConfig, Teacher, object]:
+    """(config, teacher, trained student) of a finished student stage."""
+    from distill.engine import load_weights
+    from tools import train
+
+    cfg = load_config(stage_dir / "config.yaml")
+    teacher = Teacher.from_config(cfg.teacher)
+    model = train.build_student(cfg, teacher)
+    load_weights(model, stage_dir / "model_final.safetensors")
+    return cfg, teacher, model
+
+
+def proposals_stage(rpn_dir: Path, progress: bool) -> Path:
     """Top-300 class-agnostic proposals of the ViLD-text RPN on every training image."""
     from detectors.inference import write_proposals
     from distill.data.coco import CocoDetection, dataset_paths
-    from distill.engine import load_weights
-    from tools import train
 
     path = rpn_dir / "proposals_train.safetensors"
     if path.is_file():
         return path
-    cfg = load_config(rpn_dir / "config.yaml")
-    model = train.build_student(cfg, Teacher.from_config(cfg.teacher))
-    load_weights(model, rpn_dir / "model_final.safetensors")
+    cfg, _, model = _load_student(rpn_dir)
     t = time.perf_counter()
     n = write_proposals(model, CocoDetection(*dataset_paths(cfg, "train")), path,
                         progress=progress)
@@ -143,17 +151,12 @@ def teacher_stage_on_proposals(rpn_dir: Path, progress: bool, num_proposals: int
     (its ``num_proposals`` best per image: as many as the cache holds per training image)."""
     from detectors.inference import evaluate_teacher_on_proposals
     from distill.data.coco import CocoDetection, dataset_paths
-    from distill.engine import load_weights
-    from tools import train
 
     summary = rpn_dir / f"teacher_on_{num_proposals}_proposals" / "summary.json"
     if summary.is_file():
         print(f"teacher on proposals: reusing {summary.parent}")
         return {**json.loads(summary.read_text()), "reused": True}
-    cfg = load_config(rpn_dir / "config.yaml")
-    teacher = Teacher.from_config(cfg.teacher)
-    rpn = train.build_student(cfg, teacher)
-    load_weights(rpn, rpn_dir / "model_final.safetensors")
+    cfg, teacher, rpn = _load_student(rpn_dir)
     val = CocoDetection(*dataset_paths(cfg, "val"))
     novel = [c.get("split") == "novel" for c in val.categories]
     metrics = evaluate_teacher_on_proposals(rpn, teacher, val, teacher.text(val.names), novel,
@@ -172,7 +175,7 @@ def run_world(overrides: list[str], root: Path, progress: bool, students: list[s
     """
     rpn_dir, vild_text = student_stage("vild_text", overrides, root, progress)
     results = {"vild_text": vild_text}
-    proposals = proposals_stage(rpn_dir, overrides, progress)
+    proposals = proposals_stage(rpn_dir, progress)
     cache = extract_stage(proposals, overrides, progress)
     for name in students:
         if name != "vild_text":
