@@ -105,6 +105,7 @@ class PretrainConfig:
     weight_decay: float = 0.05
     warmup_iters: int = 50
     crop_jitter: float = 0.05  # crop scale and centre jitter around the 1x / 1.5x crops
+    stuff_crops: bool = False  # add one crop per stuff class ("sand", ...) to every batch
     eval_period: int = 0  # > 0: log zero-shot top-1 on val crops every this many iterations
     seed: int = 0
 

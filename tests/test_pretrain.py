@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 
@@ -21,13 +22,32 @@ def test_batches_hold_distinct_captions_colour_by_colour(tmp_path):
     data = CropCaptions(generate_world(cfg.world, progress=False))
     mean, std = torch.zeros(3), torch.ones(3)
     crops, captions = data.sample(random.Random(0), 24, 64, mean, std)
-    assert crops.shape == (len(captions), 3, 64, 64) and len(captions) <= 24
+    stuff = [n for n, pool in data.stuff.items() if pool]
+    assert crops.shape == (len(captions), 3, 64, 64) and len(captions) <= 24 + len(stuff)
+    # one crop per stuff class closes the batch, each captioned with its own name
+    assert [c.split()[-1] for c in captions[-len(stuff):]] == stuff and len(stuff) >= 3
     # never two objects of the same shape and colour in a batch: no false negatives
     keys = [next((c, n) for c in data.by_key_colours for n in data.names
-                 if f" {c} {n}" in f" {cap}") for cap in captions]
+                 if f" {c} {n}" in f" {cap}") for cap in captions[:-len(stuff)]]
     assert len(set(keys)) == len(keys)
     # crops are cut from [0, 255] pixels and then normalised with (mean, std)
     assert 0 <= crops.min() and crops.max() <= 1.0 + 1e-5
+
+
+def test_stuff_boxes_hold_their_stuff_class(tmp_path):
+    cfg = load_config(REPO / "configs/shapes/teacher.yaml", [f"world.root={tmp_path}", *WORLD])
+    world = generate_world(cfg.world, progress=False)
+    data = CropCaptions(world)
+    files = sorted(Path(world.semantic["train"]).glob("*.png"))
+    from PIL import Image
+    checked = 0
+    for k, (name, pool) in enumerate(data.stuff.items()):
+        label = len(world.classes) + 1 + k
+        for i, (x0, y0, x1, y1) in pool:
+            sem = np.asarray(Image.open(files[i]))[y0:y1, x0:x1]
+            assert x1 - x0 == y1 - y0 >= 16 and (sem == label).mean() >= 0.9
+            checked += 1
+    assert checked >= 10
 
 
 def test_pretrain_writes_a_checkpoint_open_clip_loads_and_its_record(tmp_path, capsys):

@@ -9,6 +9,11 @@ and the teacher classifying the RPN's proposals (ViLD's "CLIP on cropped
 regions"). The stages are the main job's (``tools/pipeline.py``): seed 0's
 ViLD-text and ViLD are reused from it, and a rerun reuses everything.
 
+Seeds run side by side, ``--jobs`` at a time (default: one per 1 CPU core, at most
+one per seed), each process with cores / jobs threads: these small students are
+bound by Python and per-image work, so two 1-thread runs on 2 cores train at about
+the speed of one 2-thread run each (0.45-0.49 s against 0.43 s an iteration here).
+
 Prints the table (box AP50 on novel / base / all classes of the val split,
 generalized setting; inference images/s), the mean over seeds and each seed,
 then the floors of the issue; writes ``output_dir/ablation.json`` and, with
@@ -19,9 +24,12 @@ then the floors of the issue; writes ``output_dir/ablation.json`` and, with
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from distill.config import atomic_write, save_config
@@ -36,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="world seeds (0 1)")
     parser.add_argument("--results", default=None,
                         help="markdown file to write the table into (e.g. docs/results.md)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="seeds run at once (default: min(seeds, CPU cores))")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     command = "python -m tools.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -113,18 +123,38 @@ def write_section(path: Path, section: str) -> None:
     atomic_write(path, text)
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _seed(overrides: list[str], out: Path, progress: bool) -> dict[str, dict]:
+    """Every stage of one world seed (the last override names it)."""
+    print(f"\n=== {overrides[-1]} ===", flush=True)
+    return pipeline.run_world(overrides, out, progress, METHODS[:-1], teacher_baseline=True)
+
+
 def _run(args, command: str) -> int:
     cfg = cli.load(args)
     progress = not args.no_progress
     out = Path(cfg.output_dir)
     save_config(cfg, out / "ablation_config.yaml")
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(args.jobs or cores, len(args.seeds)))
     t = time.perf_counter()
-    per_seed: dict[int, dict[str, dict]] = {}
-    for seed in args.seeds:
-        overrides = [*args.overrides, f"world.seed={seed}"]
-        print(f"\n=== world seed {seed} ===")
-        per_seed[seed] = pipeline.run_world(overrides, out, progress, METHODS[:-1],
-                                            teacher_baseline=True)
+    tasks = [([*args.overrides, f"world.seed={seed}"], out, progress and jobs == 1)
+             for seed in args.seeds]
+    if jobs == 1:
+        results = [_seed(*task) for task in tasks]
+    else:
+        print(f"running {len(tasks)} seeds, {jobs} at a time, {max(1, cores // jobs)} "
+              f"thread(s) each")
+        with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
+                                 initializer=_set_threads,
+                                 initargs=(max(1, cores // jobs),)) as pool:
+            results = list(pool.map(_seed, *zip(*tasks, strict=True)))
+    per_seed = dict(zip(args.seeds, results, strict=True))
     seconds = time.perf_counter() - t
     section = report(per_seed, seconds, command)
     print("\n" + section)

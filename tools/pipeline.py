@@ -10,8 +10,8 @@ Stages, each cached on disk and reused by the next run:
 3. ViLD-text: a student trained on base-class boxes only (no distillation); its
    RPN, trained on base classes, is the class-agnostic proposal network;
 4. proposals: that RPN's top proposals for every training image (300, as ViLD);
-5. extraction: teacher embeddings (1x + 1.5x crops) of the top 64 of them (ViLD
-   embeds 300; 64 keeps this stage at 5.5 minutes on 2 CPU cores);
+5. extraction: teacher embeddings (1x + 1.5x crops) of the top 32 of them (ViLD
+   embeds 300; 32 keeps this stage near 2.5 minutes on 2 CPU cores);
 6. ViLD: a student trained with ViLD-text + ViLD-image distillation from the cache;
 7. the result table (box AP50 on novel, base and all classes, generalized setting).
 
@@ -73,13 +73,22 @@ def teacher_stage(cfg: ExperimentConfig, world: World, progress: bool) -> tuple[
 
 STUDENTS = {"vild_text": "configs/shapes/vild_text.yaml", "vild_image": "configs/shapes/vild_image.yaml",
             "vild": "configs/shapes/vild.yaml", "vild_ensemble": "configs/shapes/vild_ensemble.yaml"}
-CACHED_PROPOSALS = 64  # per training image; the teacher baseline classifies as many per val image
+CACHED_PROPOSALS = 32  # per training image: the RPN's best (after NMS), embedded by the teacher
 LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
           "vild_ensemble": "ViLD-ensemble", "teacher": "teacher on proposals"}
 
 
+def _file_sha(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _stage_dir(root: Path, name: str, cfg: ExperimentConfig) -> Path:
+    """``root/<name>-<hash>`` over the resolved config and the teacher checkpoint's bytes
+    (a retrained teacher at the same path must not reuse stages made with the old one)."""
     spec = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir")}
+    spec["teacher_sha256"] = _file_sha(cfg.teacher.pretrained)
     digest = hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:8]
     return root / f"{name}-{digest}"
 
@@ -146,12 +155,13 @@ def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list
     return cache
 
 
-def teacher_stage_on_proposals(rpn_dir: Path, progress: bool, num_proposals: int) -> dict:
-    """ViLD's baseline: the teacher classifies the ViLD-text RPN's proposals on the val split
-    (its ``num_proposals`` best per image: as many as the cache holds per training image)."""
+def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
+    """ViLD's baseline: the teacher classifies the ViLD-text RPN's proposals on the val split,
+    as many per image as a student's RoI heads score (``model.rpn_post_nms_top_n_test``)."""
     from detectors.inference import evaluate_teacher_on_proposals
     from distill.data.coco import CocoDetection, dataset_paths
 
+    num_proposals = load_config(rpn_dir / "config.yaml").model.rpn_post_nms_top_n_test
     summary = rpn_dir / f"teacher_on_{num_proposals}_proposals" / "summary.json"
     if summary.is_file():
         print(f"teacher on proposals: reusing {summary.parent}")
@@ -181,7 +191,7 @@ def run_world(overrides: list[str], root: Path, progress: bool, students: list[s
         if name != "vild_text":
             results[name] = student_stage(name, overrides, root, progress, cache)[1]
     if teacher_baseline:
-        results["teacher"] = teacher_stage_on_proposals(rpn_dir, progress, CACHED_PROPOSALS)
+        results["teacher"] = teacher_stage_on_proposals(rpn_dir, progress)
     return results
 
 

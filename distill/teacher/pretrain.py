@@ -9,6 +9,12 @@ objects of the same shape and colour (their captions would describe each other's
 crops: false negatives for the contrastive loss), and it is built as a few colours x
 every shape, so that colour alone never tells a crop's caption from the others.
 
+With ``pretrain.stuff_crops`` the teacher also learns the world's stuff, as CLIP saw
+grass and sky as often as things: each batch adds one crop of every stuff class
+("sand", "water", ...) cut where the semantic map holds that stuff and no object.
+Without them a crop of bare background (most of an RPN's proposals) embeds as
+confidently as an object; docs/results.md measures the trade-off.
+
     model = pretrain(world, teacher_cfg, pretrain_cfg)   # an open_clip CLIP model
 """
 
@@ -36,6 +42,8 @@ CAPTION_FORMS = (  # (form, weight): every form names the colour and the shape
     ("a photo of a {color} {name}", 1),
 )
 _FORMS, _WEIGHTS = zip(*CAPTION_FORMS, strict=True)
+STUFF_FORMS = ("{stuff}", "a photo of {stuff}", "a patch of {stuff}")
+STUFF_PURITY = 0.9  # a stuff crop holds at least this fraction of its stuff class
 
 
 class CropCaptions:
@@ -63,14 +71,24 @@ class CropCaptions:
             self.by_key.setdefault((name, color), []).append(k)
         self.names = sorted({o[2] for o in self.objects})
         self.by_key_colours = sorted({o[3] for o in self.objects})
+        self.stuff = _stuff_boxes(world, split, data)  # stuff name -> [(image index, box)]
+
+    def _stuff_crops(self, rng: random.Random) -> tuple[list[tuple[int, tuple]], list[str]]:
+        picked, captions = [], []
+        for name, pool in self.stuff.items():
+            if pool:
+                picked.append(rng.choice(pool))
+                captions.append(rng.choice(STUFF_FORMS).format(stuff=name))
+        return picked, captions
 
     def sample(self, rng: random.Random, n: int, image_size: int, mean: torch.Tensor,
                std: torch.Tensor, scales: tuple[float, ...] = (1.0, 1.5),
-               jitter: float = 0.05) -> tuple[torch.Tensor, list[str]]:
-        """n crops (n, 3, image_size, image_size), normalised, with n distinct captions
-        (never two objects of the same shape and colour: each caption would fit the other).
+               jitter: float = 0.05, stuff: bool = True) -> tuple[torch.Tensor, list[str]]:
+        """Up to n object crops then (``stuff``) one crop per stuff class, (m, 3, image_size,
+        image_size) normalised, with m distinct captions (never two objects of the same
+        shape and colour: each caption would fit the other).
 
-        Each crop is the object's box enlarged by one of ``scales`` (the teacher's
+        Each object crop is the object's box enlarged by one of ``scales`` (the teacher's
         crop rule), with size and centre jittered by up to ``jitter``.
         """
         # a few colours x every shape: each crop's in-batch negatives of its own colour
@@ -93,6 +111,10 @@ class CropCaptions:
             cy = (y0 + y1) / 2 + rng.uniform(-jitter, jitter) * (y1 - y0)
             hw, hh = s * (x1 - x0) / 2, s * (y1 - y0) / 2
             rois.append([k, cx - hw, cy - hh, cx + hw, cy + hh])
+        if stuff:
+            stuff_picked, stuff_captions = self._stuff_crops(rng)
+            rois += [[len(rois), *box] for _, box in stuff_picked]
+            picked, captions = picked + stuff_picked, captions + stuff_captions
         imgs = self.images[[p[0] for p in picked]].float()
         crops = cut_crops(imgs, torch.tensor(rois, dtype=torch.float32),
                           (image_size, image_size))
@@ -101,6 +123,34 @@ class CropCaptions:
         flip = torch.tensor([rng.random() < 0.5 for _ in picked])
         crops[flip] = crops[flip].flip(-1)
         return crops, captions
+
+
+def _stuff_boxes(world: World, split: str, records: list[dict], per_image: int = 2,
+                 tries: int = 12, seed: int = 0) -> dict[str, list[tuple[int, tuple]]]:
+    """Boxes of pure stuff: per image and stuff class present, up to ``per_image`` random
+    squares (16 px to half the image) whose pixels are >= STUFF_PURITY that class.
+
+    Returns stuff name -> [(image index, (x0, y0, x1, y1))]; a class never found has [].
+    """
+    rng = np.random.default_rng(seed)
+    first = len(world.classes) + 1  # semantic label of the first stuff class
+    pools: dict[str, list[tuple[int, tuple]]] = {n: [] for n in world.stuff_classes}
+    for i, rec in enumerate(records):
+        label = np.asarray(Image.open(Path(world.semantic[split]) / rec["file_name"]))
+        size = label.shape[0]
+        for k, name in enumerate(world.stuff_classes):
+            found = 0
+            if name not in rec.get("stuff", ()):
+                continue
+            for _ in range(tries):
+                s = int(rng.integers(16, size // 2 + 1))
+                x, y = (int(v) for v in rng.integers(0, size - s + 1, 2))
+                if (label[y:y + s, x:x + s] == first + k).mean() >= STUFF_PURITY:
+                    pools[name].append((i, (x, y, x + s, y + s)))
+                    found += 1
+                    if found == per_image:
+                        break
+    return pools
 
 
 def pretrain(world: World, teacher: TeacherConfig, cfg: PretrainConfig,
@@ -133,7 +183,8 @@ def pretrain(world: World, teacher: TeacherConfig, cfg: PretrainConfig,
     bar = tqdm(range(cfg.iters), desc="pretrain teacher", disable=not progress, dynamic_ncols=True)
     for it in bar:
         crops, captions = data.sample(rng, cfg.batch_size, size, mean, std,
-                                      tuple(teacher.crop_scales), cfg.crop_jitter)
+                                      tuple(teacher.crop_scales), cfg.crop_jitter,
+                                      cfg.stuff_crops)
         image_features = model.encode_image(crops.contiguous(memory_format=torch.channels_last),
                                             normalize=True)
         text_features = model.encode_text(tokenizer(captions), normalize=True)
