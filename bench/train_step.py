@@ -1,7 +1,7 @@
 """Time per training iteration: the ViLD student (cached embeddings) vs. torchvision Faster R-CNN.
 
     python bench/train_step.py [--model vild_r10_fpn --iters 10 --batch 4 --size 128
-                                --roi-sampling-ratio 1 --proposals 64 --threads N]
+                                --roi-sampling-ratio 1 --proposals 32 --threads N]
 
 Defaults are the embedded world's students (configs/shapes/base.yaml). Both models use
 the same ResNet/FPN-64 backbone, input size, RPN, RoI pooler and RoI sampling;
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vild_r10_fpn", choices=["vild_r10_fpn", "vild_r18_fpn"])
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--roi-sampling-ratio", type=int, default=1)
-    p.add_argument("--proposals", type=int, default=64, help="cached proposals per image")
+    p.add_argument("--proposals", type=int, default=32, help="cached proposals per image")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--rois", type=int, default=128, help="sampled RoIs per image")
     p.add_argument("--threads", type=int, default=None)

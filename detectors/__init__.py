@@ -55,4 +55,11 @@ def build_detector(name: str, **kwargs) -> ViLD:
     return BUILDERS[name](**kwargs)
 
 
-__all__ = ["BUILDERS", "ViLD", "build_detector"]
+def load_student(path):
+    """An exported detector (``tools/export.py``) ready to ``predict``: see detectors.predictor."""
+    from detectors.predictor import load_student as load
+
+    return load(path)
+
+
+__all__ = ["BUILDERS", "ViLD", "build_detector", "load_student"]

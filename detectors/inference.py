@@ -56,9 +56,24 @@ def evaluate_teacher_on_proposals(rpn: ViLD, teacher, dataset: CocoDetection,
     no background class); then the student's post-processing (threshold,
     class-wise NMS, top detections). ``images_per_s`` counts RPN + teacher.
     """
+    predict = teacher_on_proposals(rpn, teacher, text_embeddings, temperature, num_proposals)
+    was_training = rpn.training
+    rpn.eval()
+    try:
+        return _evaluate(predict, dataset, novel, out_dir, batch_size, progress)
+    finally:
+        rpn.train(was_training)
+
+
+def teacher_on_proposals(rpn: ViLD, teacher, text_embeddings: torch.Tensor,
+                         temperature: float = 0.01, num_proposals: int | None = None):
+    """``predict(images) -> [{boxes, scores, labels}]``: ``rpn``'s proposals (its ``num_proposals``
+    best) embedded by ``teacher`` (1x + 1.5x crops), softmax of cosine / ``temperature`` over
+    ``text_embeddings`` (C, D) times objectness, then ``rpn``'s post-processing."""
     text = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
     heads = rpn.roi_heads
 
+    @torch.no_grad()
     def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         proposals = [{k: v[:num_proposals] for k, v in p.items()} for p in rpn.propose(images)]
         embeddings = teacher.regions(images, [p["boxes"] for p in proposals], mode="crop")
@@ -70,12 +85,7 @@ def evaluate_teacher_on_proposals(rpn: ViLD, teacher, dataset: CocoDetection,
                                      [tuple(im.shape[-2:])])
         return out
 
-    was_training = rpn.training
-    rpn.eval()
-    try:
-        return _evaluate(predict, dataset, novel, out_dir, batch_size, progress)
-    finally:
-        rpn.train(was_training)
+    return predict
 
 
 def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],

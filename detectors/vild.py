@@ -139,13 +139,16 @@ class EmbeddingRoIHeads(RoIHeads):
         Labels are 1-based indices into the vocabulary (0 would be background).
         """
         results = []
-        for p, b, shape in zip(probs.split(counts), boxes.split(counts), image_shapes,
-                               strict=True):
+        # one image: no split, so that a traced (ONNX) graph keeps the proposal count dynamic
+        per_image = ([probs], [boxes]) if len(counts) == 1 else (probs.split(counts),
+                                                                 boxes.split(counts))
+        for p, b, shape in zip(*per_image, image_shapes, strict=True):
             b = box_ops.clip_boxes_to_image(b, shape)
             num_classes = p.shape[1] - 1
-            scores = p[:, 1:].reshape(-1)
-            labels = torch.arange(1, num_classes + 1, device=p.device).repeat(len(b))
-            b = b.repeat_interleave(num_classes, dim=0)
+            scores = p[:, 1:]  # (R, C): box r, class c at row-major index r * C + c
+            labels = torch.arange(1, num_classes + 1, device=p.device).expand_as(scores).reshape(-1)
+            b = b[:, None, :].expand(-1, num_classes, -1).reshape(-1, 4)
+            scores = scores.reshape(-1)
             keep = torch.where(scores > self.score_thresh)[0]
             b, scores, labels = b[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(b, min_size=1e-2)

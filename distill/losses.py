@@ -1,4 +1,5 @@
-"""Training losses for ViLD-style students; they live outside the model.
+"""Training losses for ViLD-style students and student segmenters; they live outside
+the model.
 
 Each loss is a plain function on tensors; :class:`Criterion` (DETR-style, with a
 weight dict) reads the student's training ``outputs`` dict and returns the
@@ -17,11 +18,23 @@ vocabulary classes, D embedding dim):
 - ``distill_targets`` (P, D) L2-normalised teacher embeddings of the same proposals
 - ``rpn_losses`` (optional) {``loss_objectness``, ``loss_rpn_box_reg``}: 0-d tensors
 
-Empty inputs (R = 0, P = 0, no foreground RoI) give an exact 0 that stays in the
-autograd graph of the inputs (``x.sum() * 0``), never NaN.
+Segmenters (B images; student maps h x w, teacher maps and labels H x W; MaskCLIP+):
+
+- ``pixel_embeddings`` (B, D, h, w) L2-normalised student pixel embeddings
+- ``dense_targets`` (B, D, H, W) teacher dense embeddings (resized and normalised in the loss)
+- ``dense_valid`` (optional) (B, H, W) bool, pixels to distil (False: padding)
+- ``pixel_logits`` (B, C, h, w) student per-pixel text logits
+- ``teacher_pixel_logits`` (B, C, H, W) teacher dense text logits (pseudo-labels)
+- ``seg_labels`` (B, H, W) int64 ground truth, 255 = ignore
+- ``novel_ids`` (optional) class ids in 0..C-1 whose labels count as unlabelled
+
+Empty inputs (R = 0, P = 0, no foreground RoI, no valid or labelled pixel) give an
+exact 0 that stays in the autograd graph of the inputs (``x.sum() * 0``), never NaN.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +45,14 @@ __all__ = [
     "Criterion",
     "EmbeddingQueue",
     "MissingOutputError",
+    "SEG_WEIGHTS",
     "box_regression_loss",
     "build_criterion",
     "ensemble_scores",
+    "pixel_distill_loss",
+    "pseudo_label_loss",
     "region_word_loss",
+    "supervised_seg_loss",
     "vild_image_loss",
     "vild_text_loss",
 ]
@@ -122,6 +139,110 @@ def region_word_loss(
     return F.cross_entropy(logits, labels[fg] - 1)
 
 
+def _resize_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """maps (B, H, W) of labels or flags -> (B, h, w) of the same dtype, nearest neighbour."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    resized = F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0]
+    return resized.to(maps.dtype)
+
+
+def _check_ignore_index(ignore_index: int, num_classes: int) -> None:
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index {ignore_index} is a class id (C = {num_classes})")
+
+
+def pixel_distill_loss(
+    student: Tensor, teacher: Tensor, mode: str = "l1", valid: Tensor | None = None
+) -> Tensor:
+    """Dense distillation (MaskCLIP+): student pixel embeddings against the teacher's.
+
+    student (B, D, h, w) L2-normalised; teacher (B, D, H, W), detached, resized to (h, w)
+    (bilinear, align_corners=False) then L2-normalised along D. mode "l1": L1 summed over
+    D (as :func:`vild_image_loss`); "cosine": 1 - cosine similarity. Mean over pixels;
+    valid (B, H', W') bool (resized to (h, w), nearest) keeps only its True pixels.
+    No valid pixel gives 0.
+    """
+    if mode not in ("l1", "cosine"):
+        raise ValueError(f"mode must be 'l1' or 'cosine', got {mode!r}")
+    if student.dim() != 4 or teacher.dim() != 4 or student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
+                         "must be (B, D, h, w) and (B, D, H, W)")
+    size = (student.shape[-2], student.shape[-1])
+    if student.numel() == 0:
+        return _zero(student)
+    target = teacher.detach().to(student.dtype)
+    if tuple(target.shape[-2:]) != size:
+        target = F.interpolate(target, size=size, mode="bilinear", align_corners=False)
+    target = F.normalize(target, dim=1)
+    if mode == "l1":
+        dist = (student - target).abs().sum(dim=1)
+    else:
+        dist = 1.0 - F.cosine_similarity(student, target, dim=1)
+    if valid is None:
+        return dist.mean()
+    if valid.dim() != 3 or valid.shape[0] != student.shape[0]:
+        raise ValueError(f"valid {tuple(valid.shape)} must be (B, H, W) with B = {student.shape[0]}")
+    mask = _resize_nearest(valid.to(device=dist.device, dtype=torch.bool), size)
+    if not bool(mask.any()):
+        return _zero(student)
+    return dist[mask].mean()
+
+
+def pseudo_label_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    threshold: float | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """MaskCLIP+ pseudo-label cross-entropy.
+
+    teacher_logits (B, C, H, W), detached: labels = argmax over C at (H, W); pixels whose
+    max softmax probability is below ``threshold`` get ``ignore_index``; the label map is
+    resized to the student's (h, w) with nearest. student_logits (B, C, h, w); mean
+    cross-entropy over the labelled pixels. No labelled pixel gives 0.
+    """
+    if (student_logits.dim() != 4 or teacher_logits.dim() != 4
+            or student_logits.shape[:2] != teacher_logits.shape[:2]):
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must be (B, C, h, w) and (B, C, H, W)")
+    _check_ignore_index(ignore_index, student_logits.shape[1])
+    with torch.no_grad():
+        t = teacher_logits.detach().float()
+        labels = t.argmax(dim=1)
+        if threshold is not None:
+            labels[t.softmax(dim=1).amax(dim=1) < threshold] = ignore_index
+        labels = _resize_nearest(labels, (student_logits.shape[-2], student_logits.shape[-1]))
+        labels = labels.to(student_logits.device)
+    if not bool((labels != ignore_index).any()):
+        return _zero(student_logits)
+    return F.cross_entropy(student_logits, labels, ignore_index=ignore_index)
+
+
+def supervised_seg_loss(
+    logits: Tensor, labels: Tensor, novel_ids: Sequence[int] = (), ignore_index: int = 255
+) -> Tensor:
+    """Cross-entropy on base classes: labels of ``novel_ids`` count as unlabelled.
+
+    logits (B, C, h, w), upsampled to the labels' (H, W) (bilinear, align_corners=False,
+    as mmseg does); labels (B, H, W) int64 in 0..C-1 or ``ignore_index``. Mean over the
+    labelled pixels; none gives 0.
+    """
+    if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         "must be (B, C, h, w) and (B, H, W)")
+    _check_ignore_index(ignore_index, logits.shape[1])
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    novel = torch.as_tensor(novel_ids, dtype=torch.long, device=labels.device).reshape(-1)
+    if novel.numel():
+        labels = torch.where(torch.isin(labels, novel), ignore_index, labels)
+    if not bool((labels != ignore_index).any()):
+        return _zero(logits)
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+
 class EmbeddingQueue(nn.Module):
     """FIFO of the last ``size`` embeddings (detached), as a persistent ring buffer.
 
@@ -182,6 +303,14 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "rpn_box_reg": 1.0,
 }
 
+# segmenter losses (MaskCLIP+): off unless configured; MaskCLIP+ weights pseudo_label 1,
+# pixel_distill 1
+SEG_WEIGHTS: dict[str, float] = {
+    "pixel_distill": 0.0,
+    "pseudo_label": 0.0,
+    "supervised_seg": 0.0,
+}
+
 # weight name -> outputs keys it needs
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "vild_text": ("region_embeddings", "labels", "text_embeddings", "background_embedding"),
@@ -190,6 +319,9 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "region_word": ("region_embeddings", "labels", "text_embeddings"),
     "objectness": ("rpn_losses",),
     "rpn_box_reg": ("rpn_losses",),
+    "pixel_distill": ("pixel_embeddings", "dense_targets"),
+    "pseudo_label": ("pixel_logits", "teacher_pixel_logits"),
+    "supervised_seg": ("pixel_logits", "seg_labels"),
 }
 
 
@@ -203,11 +335,15 @@ class MissingOutputError(KeyError):
 class Criterion(nn.Module):
     """Weighted training losses from the student's ``outputs`` dict (see module doc).
 
-    ``weights`` override :data:`DEFAULT_WEIGHTS` by short name (``vild_text``, ``box_reg``,
-    ``vild_image``, ``region_word``, ``objectness``, ``rpn_box_reg``); an unknown name
-    raises ``KeyError``. :meth:`forward` returns ``{"loss_<name>": weight * loss}`` for the
-    nonzero weights only. In training mode with ``region_word`` on, ``distill_targets`` are
-    pushed into the negative queue after the loss is computed (MoCo order).
+    ``weights`` override :data:`DEFAULT_WEIGHTS` and :data:`SEG_WEIGHTS` by short name
+    (``vild_text``, ``box_reg``, ``vild_image``, ``region_word``, ``objectness``,
+    ``rpn_box_reg``; ``pixel_distill``, ``pseudo_label``, ``supervised_seg``); an unknown
+    name raises ``KeyError``; the segmenter losses are off (absent from ``weights``) unless
+    given. :meth:`forward` returns ``{"loss_<name>": weight * loss}`` for
+    the nonzero weights only. In training mode with ``region_word`` on, ``distill_targets``
+    are pushed into the negative queue after the loss is computed (MoCo order).
+    ``pixel_distill_mode`` ("l1" | "cosine") and ``pseudo_label_threshold`` are passed to
+    :func:`pixel_distill_loss` and :func:`pseudo_label_loss`.
     """
 
     def __init__(
@@ -215,13 +351,20 @@ class Criterion(nn.Module):
         weights: dict[str, float] | None = None,
         queue_size: int = 1024,
         region_word_temperature: float = 0.02,
+        pixel_distill_mode: str = "l1",
+        pseudo_label_threshold: float | None = None,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(weights or {}) - set(DEFAULT_WEIGHTS))
+        known = {**DEFAULT_WEIGHTS, **SEG_WEIGHTS}
+        unknown = sorted(set(weights or {}) - set(known))
         if unknown:
-            raise KeyError(f"unknown loss weight(s) {unknown}; valid: {sorted(DEFAULT_WEIGHTS)}")
-        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+            raise KeyError(f"unknown loss weight(s) {unknown}; valid: {sorted(known)}")
+        if pixel_distill_mode not in ("l1", "cosine"):
+            raise ValueError(f"pixel_distill_mode must be 'l1' or 'cosine', got {pixel_distill_mode!r}")
+        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}  # segmenter losses only if given
         self.region_word_temperature = region_word_temperature
+        self.pixel_distill_mode = pixel_distill_mode
+        self.pseudo_label_threshold = pseudo_label_threshold
         self.queue = EmbeddingQueue(queue_size)
 
     def _require(self, outputs: dict, name: str) -> None:
@@ -252,6 +395,14 @@ class Criterion(nn.Module):
             queue = self.queue.contents() if len(self.queue) else None
             return region_word_loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
                                     queue, self.region_word_temperature)
+        if name == "pixel_distill":
+            return pixel_distill_loss(o["pixel_embeddings"], o["dense_targets"],
+                                      self.pixel_distill_mode, o.get("dense_valid"))
+        if name == "pseudo_label":
+            return pseudo_label_loss(o["pixel_logits"], o["teacher_pixel_logits"],
+                                     self.pseudo_label_threshold)
+        if name == "supervised_seg":
+            return supervised_seg_loss(o["pixel_logits"], o["seg_labels"], o.get("novel_ids", ()))
         return o["rpn_losses"][f"loss_{name}"]
 
     def forward(self, outputs: dict) -> dict[str, Tensor]:
@@ -273,12 +424,15 @@ class Criterion(nn.Module):
 
 def build_criterion(
     queue_size: int = 1024, region_word_temperature: float = 0.02, distill_per_image: int = 0,
+    pixel_distill_mode: str = "l1", pseudo_label_threshold: float | None = None,
     **weights: float,
 ) -> Criterion:
     """``build_criterion(**dataclasses.asdict(cfg.loss))``; ``distill_per_image`` is read by
     the training set (how many cached proposals an image contributes), not the criterion."""
     return Criterion(weights, queue_size=queue_size,
-                     region_word_temperature=region_word_temperature)
+                     region_word_temperature=region_word_temperature,
+                     pixel_distill_mode=pixel_distill_mode,
+                     pseudo_label_threshold=pseudo_label_threshold)
 
 
 # --------------------------------------------------------------------------- inference

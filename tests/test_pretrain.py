@@ -41,7 +41,7 @@ def test_stuff_boxes_hold_their_stuff_class(tmp_path):
     files = sorted(Path(world.semantic["train"]).glob("*.png"))
     from PIL import Image
     checked = 0
-    for k, (name, pool) in enumerate(data.stuff.items()):
+    for k, pool in enumerate(data.stuff.values()):
         label = len(world.classes) + 1 + k
         for i, (x0, y0, x1, y1) in pool:
             sem = np.asarray(Image.open(files[i]))[y0:y1, x0:x1]

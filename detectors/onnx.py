@@ -1,0 +1,132 @@
+"""ONNX export of an exported detector student, and an ONNX Runtime predictor.
+
+    export_onnx(load_student("student/"), "student/model.onnx")
+    OnnxDetector("student/").predict("photo.jpg")     # same output as DetectorStudent.predict
+
+The graph (torchvision's ONNX path: legacy TorchScript exporter, opset 17) holds
+the backbone, the RPN, the RoI heads and the post-processing (class-wise NMS) for
+one preprocessed image: input ``image`` (1, 3, S, S) float32, the picture resized
+(longer side S, as the student's transform does), normalised and zero-padded to
+S x S; outputs ``boxes`` (N, 4) xyxy in that frame, ``scores`` (N,), ``labels``
+(N,) 1-based vocabulary indices. The vocabulary's text embeddings are a second
+input (``text_embeddings`` (C, D)), so a vocabulary swap needs no re-export.
+The predictor does the resize/pad in torch and maps the boxes back to the picture.
+
+Boxes are clipped to S x S inside the graph (the PyTorch student clips to the
+resized picture): the two agree exactly on square pictures; on others they differ
+only for proposals reaching into the padding.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import resize_boxes
+
+from detectors.predictor import DetectorStudent, as_image_tensor, load_student
+from detectors.vild import ViLD
+from distill.export import Vocabulary
+
+OPSET = 17
+
+
+class _Graph(nn.Module):
+    """(1, 3, S, S) preprocessed image + (C, D) text embeddings -> boxes, scores, labels."""
+
+    def __init__(self, model: ViLD, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor):
+        m = self.model
+        m.roi_heads.text_embeddings = F.normalize(text_embeddings, dim=-1)
+        images = ImageList(image, [(self.size, self.size)])
+        features = m.backbone(image)
+        proposals, _ = m.rpn(images, features)
+        det = m.roi_heads(features, proposals, images.image_sizes)[0]
+        return det["boxes"], det["scores"], det["labels"]
+
+
+def preprocess(model: ViLD, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """(3, H, W) uint8 -> ((1, 3, S, S) normalised and padded, resized (h, w), original (H, W))."""
+    image_list, _, original = model._prepare([image])
+    x = image_list.tensors
+    size = model.transform.max_size
+    x = F.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))
+    return x, image_list.image_sizes[0], original[0]
+
+
+def export_onnx(student: DetectorStudent, path: str | os.PathLike) -> Path:
+    """Write the student's graph to ``path`` (atomically); returns the path."""
+    model = student.model.eval()
+    size = model.transform.max_size
+    if model.transform.min_size[0] != size:
+        raise ValueError("ONNX export needs a student resized to a square size "
+                         "(model.image_size sets both sides)")
+    if model.roi_heads.image_head is not None:
+        raise ValueError("ONNX export of ViLD-ensemble students is not supported yet")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    example = torch.zeros(1, 3, size, size)
+    text = student.vocabulary.embeddings.float()
+    saved = model.roi_heads.text_embeddings
+    try:
+        # the tracer warns about every Python-side shape; tests/test_export.py checks that the
+        # graph still follows the proposal count and vocabulary size of each input
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Graph(model, size).eval(), (example, text), str(tmp), dynamo=False,
+                              opset_version=OPSET, input_names=["image", "text_embeddings"],
+                              output_names=["boxes", "scores", "labels"],
+                              dynamic_axes={"text_embeddings": {0: "classes"},
+                                            "boxes": {0: "n"}, "scores": {0: "n"},
+                                            "labels": {0: "n"}})
+        os.replace(tmp, path)
+    finally:
+        model.roi_heads.text_embeddings = saved
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class OnnxDetector:
+    """``predict`` as :class:`DetectorStudent`'s, run by ONNX Runtime on ``model.onnx``."""
+
+    def __init__(self, student_dir: str | os.PathLike, onnx_path: str | os.PathLike | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.student = load_student(student_dir)  # preprocessing, vocabulary, thresholds
+        onnx_path = Path(onnx_path) if onnx_path else Path(student_dir) / "model.onnx"
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"{onnx_path}: missing (write it with "
+                                    f"tools/export.py --onnx)")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options,
+                                            providers=["CPUExecutionProvider"])
+
+    def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
+                score_threshold: float | None = None, bgr: bool = False) -> dict:
+        vocab = self.student.vocabulary if vocabulary is None else (
+            vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary))
+        x, resized, original = preprocess(self.student.model, as_image_tensor(image, bgr))
+        boxes, scores, labels = self.session.run(None, {
+            "image": x.numpy(), "text_embeddings": vocab.embeddings.float().numpy()})
+        boxes = resize_boxes(torch.from_numpy(boxes), resized, original).numpy()
+        h, w = original
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        thresh = self.student.score_threshold if score_threshold is None else score_threshold
+        keep = scores >= thresh
+        labels = (labels[keep] - 1).tolist()
+        return {"boxes": boxes[keep], "scores": scores[keep].astype(np.float32), "labels": labels,
+                "names": [vocab.names[k] for k in labels],
+                "novel": [bool(vocab.novel[k]) for k in labels]}

@@ -1,0 +1,154 @@
+"""Detect with an exported student: images (or folders) -> PNGs with boxes and names + JSON.
+
+    python -m tools.demo --student exported/vild --output demo/ photo.jpg more/ \\
+                         [--vocabulary vocab/] [--score-threshold 0.3]
+
+Each image is written to ``--output`` under its own name (as PNG) with the boxes
+drawn, novel classes in magenta and training classes in cyan; every detection
+goes to ``predictions.json`` (box xyxy pixels, score, name, novel).
+``--vocabulary`` takes a vocabulary directory written by
+``tools/export.py --vocabulary-only`` (the student's own by default).
+``--show-teacher`` draws, right of the student's result, ViLD's "teacher on cropped
+regions" on the same image: the student's RPN proposes, the teacher recorded in the
+export (its open_clip model and checkpoint, which must be at hand) names the crops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tools import cli
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+NOVEL, BASE = (255, 0, 255), (0, 220, 255)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--student", required=True, help="exported student directory")
+    p.add_argument("--output", required=True, help="directory for the PNGs and predictions.json")
+    p.add_argument("--vocabulary", default=None, help="vocabulary directory (tools/export.py)")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="minimum score (default: the export's)")
+    p.add_argument("--show-teacher", action="store_true",
+                   help="draw the teacher-on-proposals result beside the student's")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return cli.run(_run, p.parse_args(argv))
+
+
+def image_paths(items: list[str]) -> list[Path]:
+    """Files as given; folders expanded to their images (sorted)."""
+    paths = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"image not found: {p}")
+    return paths
+
+
+def draw(image, found: dict):
+    """A copy of ``image`` (PIL) with each detection's box and ``name score`` drawn."""
+    from PIL import ImageDraw
+
+    image = image.convert("RGB")
+    pen = ImageDraw.Draw(image)
+    for box, score, name, novel in zip(found["boxes"], found["scores"], found["names"],
+                                       found["novel"], strict=True):
+        colour = NOVEL if novel else BASE
+        x0, y0, x1, y1 = (float(v) for v in box)
+        pen.rectangle([x0, y0, x1, y1], outline=colour, width=2)
+        label = f"{name} {score:.2f}"
+        left, top, right, bottom = pen.textbbox((x0, y0), label)
+        ty = max(0.0, y0 - (bottom - top) - 2)
+        pen.rectangle([x0, ty, x0 + right - left + 2, ty + bottom - top + 2], fill=colour)
+        pen.text((x0 + 1, ty), label, fill=(0, 0, 0))
+    return image
+
+
+def teacher_predictor(student, score_threshold: float):
+    """``predict(path) -> found`` of the teacher on the student's proposals (needs open_clip)."""
+    from detectors.inference import teacher_on_proposals
+    from detectors.predictor import as_image_tensor
+    from distill.config import TeacherConfig
+    from distill.teacher import Teacher
+
+    info = student.config.get("teacher", {})
+    if "config" not in info:
+        raise ValueError("this export records no teacher config: re-export it to use "
+                         "--show-teacher")
+    teacher = Teacher.from_config(TeacherConfig(**info["config"]))
+    if teacher.fingerprint != info.get("fingerprint"):
+        raise ValueError(f"teacher {teacher.fingerprint} is not the one the student was "
+                         f"distilled from ({info.get('fingerprint')})")
+    predict = teacher_on_proposals(student.model, teacher, student.vocabulary.embeddings,
+                                   info.get("temperature", 0.01))
+
+    def run(path) -> dict:
+        det = predict([as_image_tensor(path)])[0]
+        keep = det["scores"] >= score_threshold
+        labels = (det["labels"][keep] - 1).tolist()
+        vocab = student.vocabulary
+        return {"boxes": det["boxes"][keep].numpy(), "scores": det["scores"][keep].numpy(),
+                "names": [vocab.names[k] for k in labels],
+                "novel": [bool(vocab.novel[k]) for k in labels]}
+
+    return run
+
+
+def _side_by_side(left, right):
+    from PIL import Image
+
+    both = Image.new("RGB", (left.width + right.width + 4, max(left.height, right.height)),
+                     (255, 255, 255))
+    both.paste(left, (0, 0))
+    both.paste(right, (left.width + 4, 0))
+    return both
+
+
+def _run(args) -> int:
+    from PIL import Image
+
+    from detectors import load_student
+    from distill.config import atomic_write
+
+    student = load_student(args.student)
+    if args.vocabulary:
+        student.set_vocabulary(args.vocabulary)
+    threshold = student.score_threshold if args.score_threshold is None else args.score_threshold
+    teacher = teacher_predictor(student, threshold) if args.show_teacher else None
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path in tqdm(image_paths(args.images), desc="demo", disable=args.no_progress):
+        found = student.predict(path, score_threshold=threshold)
+        with Image.open(path) as im:
+            drawn = draw(im, found)
+            if teacher is not None:
+                drawn = _side_by_side(drawn, draw(im, teacher(path)))
+        tmp = out / f".{path.stem}.tmp.png"
+        drawn.save(tmp)
+        tmp.replace(out / f"{path.stem}.png")
+        records.append({"image": str(path), "detections": [
+            {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "name": n,
+             "novel": nv}
+            for b, s, n, nv in zip(found["boxes"], found["scores"], found["names"],
+                                   found["novel"], strict=True)]})
+    atomic_write(out / "predictions.json", json.dumps(records, indent=2) + "\n")
+    total = sum(len(r["detections"]) for r in records)
+    print(f"{len(records)} images, {total} detections: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
