@@ -131,6 +131,27 @@ class DetectorConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    """A student segmenter (segmentors/) and its losses (distill/losses.py, MaskCLIP+).
+
+    Variants: base-only ``supervised: 1`` (the rest 0); pixel-distilled
+    ``pixel_distill: 1``; + pseudo-labels ``pseudo_label: 1``. Data: ``data_root``
+    (ADE20k layout) or, unset, the synthetic world's label PNGs.
+    """
+
+    data_root: str | None = None  # ADEChallengeData2016/; unset: the synthetic world
+    name: str = "seg_r18_fpn"  # see segmentors.BUILDERS
+    fpn_channels: int = 64
+    norm: str = "gn"
+    temperature: float = 0.05  # logits = cosine / temperature
+    supervised: float = 1.0  # cross-entropy on base-class pixels (novel ones unlabelled)
+    pixel_distill: float = 0.0  # L1 (or cosine) to the teacher's dense embeddings
+    pixel_distill_mode: str = "l1"  # l1 | cosine
+    pseudo_label: float = 0.0  # cross-entropy on the teacher's dense argmax over all names
+    pseudo_label_threshold: float | None = None  # ignore pixels the teacher is less sure of
+
+
+@dataclass
 class LossConfig:
     """Loss weights (0 disables a loss) and region-word settings (distill/losses.py).
 
@@ -197,6 +218,7 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     model: DetectorConfig = field(default_factory=DetectorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    seg: SegmenterConfig = field(default_factory=SegmenterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -1,0 +1,51 @@
+"""Student segmenters: one flat ``name -> builder`` dict.
+
+    model = build_segmenter(**seg_model_kwargs, embed_dim=teacher.embed_dim)
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from detectors.backbones import resnet_fpn
+from segmentors.model import PixelEmbeddingSegmenter
+
+
+def _seg(depth: int, embed_dim: int, fpn_channels: int, norm: str,
+         temperature: float) -> PixelEmbeddingSegmenter:
+    # strides 8, 16, 32 (ResNet layers 2-4): the embedded world's 160 px -> 20 x 20 pixels
+    return PixelEmbeddingSegmenter(resnet_fpn(depth, (2, 3, 4), fpn_channels, norm), embed_dim,
+                                   temperature)
+
+
+def seg_r18_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
+                temperature: float = 0.05) -> PixelEmbeddingSegmenter:
+    """ResNet-18/FPN pixel-embedding segmenter, trained from scratch (GroupNorm)."""
+    return _seg(18, embed_dim, fpn_channels, norm, temperature)
+
+
+def seg_r10_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
+                temperature: float = 0.05) -> PixelEmbeddingSegmenter:
+    """As :func:`seg_r18_fpn` with one BasicBlock per stage: half the backbone cost."""
+    return _seg(10, embed_dim, fpn_channels, norm, temperature)
+
+
+def seg_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_bn",
+                temperature: float = 0.05) -> PixelEmbeddingSegmenter:
+    """ResNet-50/FPN for ADE20k."""
+    return _seg(50, embed_dim, fpn_channels, norm, temperature)
+
+
+BUILDERS = {"seg_r10_fpn": seg_r10_fpn, "seg_r18_fpn": seg_r18_fpn, "seg_r50_fpn": seg_r50_fpn}
+
+
+def build_segmenter(name: str, **kwargs) -> PixelEmbeddingSegmenter:
+    if name not in BUILDERS:
+        close = difflib.get_close_matches(name, BUILDERS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"seg.name: unknown segmenter '{name}' "
+                         f"(valid: {', '.join(BUILDERS)}){hint}")
+    return BUILDERS[name](**kwargs)
+
+
+__all__ = ["BUILDERS", "PixelEmbeddingSegmenter", "build_segmenter"]

@@ -111,22 +111,26 @@ def report(per_seed: dict[int, dict[str, dict]], seconds: float, command: str) -
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the ablation markers of ``path`` (appended when absent)."""
+def write_section(path: Path, section: str, marks: tuple[str, str] = (MARK_BEGIN, MARK_END)
+                  ) -> None:
+    """Replace the text between the ``marks`` of ``path`` (appended when absent)."""
+    begin, end = marks
     text = path.read_text() if path.is_file() else "# Results\n"
-    block = f"{MARK_BEGIN}\n{section}{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write(path, text)
 
 
 def _set_threads(n: int) -> None:
+    """Worker set-up: ``n`` torch threads; lines reach a redirected stdout as printed."""
     import torch
 
     torch.set_num_threads(n)
+    sys.stdout.reconfigure(line_buffering=True)
 
 
 def _seed(overrides: list[str], out: Path, progress: bool) -> dict[str, dict]:

@@ -1,0 +1,124 @@
+"""Student segmenters (segmentors/), their data (distill/data/semantic.py) and tools."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from distill.config import load_config
+from distill.data.semantic import ADE20K_CLASSES, DatasetError, ade20k
+from segmentors import build_segmenter
+from tools import seg_ablation, train_seg
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["world.num_train=6", "world.num_val=3", "world.image_size=96", "world.max_objects=3",
+        f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
+        "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.dense_short_side=96",
+        "train.max_iters=2", "train.batch_size=2"]
+
+
+def test_logits_are_pixel_cosine_over_temperature_and_the_vocabulary_swaps():
+    torch.manual_seed(0)
+    model = build_segmenter("seg_r10_fpn", embed_dim=8, temperature=0.1).eval()
+    text = F.normalize(torch.randn(5, 8), dim=-1)
+    model.set_vocabulary(text)
+    images = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8)
+    out = model(images)
+    emb, logits = out["pixel_embeddings"], out["pixel_logits"]
+    assert emb.shape == (2, 8, 8, 6) and logits.shape == (2, 5, 8, 6)  # stride 8
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2, 8, 6))
+    b, y, x = 1, 3, 2  # one pixel by hand: cosine with each class / 0.1
+    torch.testing.assert_close(logits[b, :, y, x], text @ emb[b, :, y, x] / 0.1)
+    labels = model.predict(images)
+    assert labels.shape == (2, 64, 48) and int(labels.max()) < 5
+    model.set_vocabulary(text[[4, 3]])  # two classes, swapped in without retraining
+    assert model(images)["pixel_logits"].shape == (2, 2, 8, 6)
+    assert int(model.predict(images).max()) <= 1
+    with pytest.raises(ValueError, match="embedding dimension 8"):
+        model.set_vocabulary(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="seg.name: unknown segmenter 'seg_r19_fpn'"):
+        build_segmenter("seg_r19_fpn", embed_dim=8)
+
+
+def _ade_tree(root: Path, labels: np.ndarray, split: str = "training") -> Path:
+    ade = root / "ADEChallengeData2016"
+    (ade / "images" / split).mkdir(parents=True)
+    (ade / "annotations" / split).mkdir(parents=True)
+    image = np.random.default_rng(0).integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
+    Image.fromarray(image).save(ade / "images" / split / "ADE_train_00000001.jpg")
+    Image.fromarray(labels.astype(np.uint8)).save(ade / "annotations" / split /
+                                                  "ADE_train_00000001.png")
+    return ade
+
+
+def test_ade20k_loader_reduces_the_zero_label(tmp_path):
+    labels = np.array([[0, 1, 150], [3, 0, 2]])
+    ade = _ade_tree(tmp_path, labels)
+    data = ade20k(ade, "training", novel=["sky", "flag"])
+    assert len(ADE20K_CLASSES) == 150 and data.classes[2] == "sky"
+    s = data[0]
+    assert s["image"].shape == (3, 2, 3) and s["image"].dtype == torch.uint8
+    assert s["labels"].tolist() == [[255, 0, 149], [2, 255, 1]]
+    assert data.novel_ids == [2, 149]
+    with pytest.raises(FileNotFoundError, match="not an ADE20k root .*images/validation"):
+        ade20k(ade, "validation")
+    with pytest.raises(Exception, match="unknown ADE20k class 'skyy'"):
+        ade20k(ade, "training", novel=["skyy"])
+
+
+def test_ade20k_bad_label_files_are_named(tmp_path):
+    ade = _ade_tree(tmp_path, np.array([[0, 151]]))
+    with pytest.raises(DatasetError, match=r"ADE_train_00000001.png: label value 151 outside"):
+        ade20k(ade, "training")[0]
+    (ade / "annotations/training/ADE_train_00000001.png").unlink()
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(
+        ade / "annotations/training/ADE_train_00000001.png")
+    with pytest.raises(DatasetError, match=r"label map \(3, 3\) does not match image \(1, 2\)"):
+        ade20k(ade, "training")[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    return tmp_path_factory.mktemp("seg")
+
+
+@pytest.mark.parametrize("name", ["seg_supervised", "seg_distill", "seg_distill_pseudo"])
+def test_one_training_iteration_per_config(tiny_world, name):
+    out = tiny_world / name
+    cfg = load_config(REPO / f"configs/shapes/{name}.yaml",
+                      [f"world.root={tiny_world / 'world'}", *TINY, f"output_dir={out}"])
+    metrics = train_seg.run(cfg, progress=False)
+    assert set(metrics) == {"mIoU", "mIoU_base", "mIoU_novel", "hIoU", "aAcc", "images_per_s"}
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    losses = {k for k in first if k.startswith("loss_")}
+    want = {"loss_supervised_seg"} | ({"loss_pixel_distill"} if cfg.seg.pixel_distill else set())
+    want |= {"loss_pseudo_label"} if cfg.seg.pseudo_label else set()
+    assert losses == want
+    saved = json.loads((out / "eval/metrics.json").read_text())
+    assert saved["mIoU"] == pytest.approx(metrics["mIoU"])
+    assert (out / "eval/per_class_iou.png").is_file() and (out / "eval/overlay_0.png").is_file()
+    assert (out / "model_final.safetensors").is_file()
+
+
+def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\n<!-- seg-ablation -->\nold\n<!-- /seg-ablation -->\nkept\n")
+    args = ["--no-progress", "--seeds", "0", "--results", str(results), "--output-dir",
+            str(tmp_path / "out"), f"world.root={tiny_world / 'world'}", *TINY]
+    assert seg_ablation.main(args) == 0
+    text = results.read_text()
+    assert "old" not in text and text.endswith("<!-- /seg-ablation -->\nkept\n")
+    for label in seg_ablation.STAGES.values():
+        assert f"| {label} |" in text
+    assert "| pixel-distilled novel mIoU / base-only novel mIoU |" in text
+    stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
+    assert stages == sorted(seg_ablation.STAGES)
+    teacher = json.loads(next((tmp_path / "out").glob("seg_teacher-*/eval/summary.json"))
+                         .read_text())
+    assert 0 <= teacher["mIoU_novel"] <= 1
+    assert seg_ablation.main(args) == 0  # a rerun reuses every stage
+    assert "| n/a: stages reused |" in results.read_text()

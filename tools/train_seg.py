@@ -1,0 +1,212 @@
+"""Train (or only evaluate) a student segmenter; or score the teacher's own segmentation.
+
+    python -m tools.train_seg --config configs/shapes/seg_distill.yaml [key=value ...]
+                              [--resume] [--eval-only] [--teacher-baseline]
+
+Training classes are every class of the dataset; pixels of novel classes count as
+unlabelled for the supervised loss (``seg.supervised``). The teacher's dense
+(MaskCLIP) embeddings are computed online from each training batch, flips
+included, for ``seg.pixel_distill`` (L1/cosine to them) and ``seg.pseudo_label``
+(MaskCLIP+: the argmax of the teacher's dense text logits over every class name).
+Evaluation: mIoU over the val split with every class name in the vocabulary
+(base, novel, harmonic mean), written to ``output_dir/eval`` with a per-class plot
+and overlays of the first predictions. ``--teacher-baseline`` scores the teacher
+alone (dense embeddings vs. text, upsampled) into ``output_dir/eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distill.config import ExperimentConfig, atomic_write, save_config
+from distill.data.semantic import SemanticDataset, ade20k, collate_semantic, synthetic_semantic
+from distill.engine import last_checkpoint, load_weights, train
+from distill.evaluation.sem_seg import SemSegEvaluator, overlay
+from distill.losses import DEFAULT_WEIGHTS, Criterion
+from distill.teacher import Teacher
+from segmentors import PixelEmbeddingSegmenter, build_segmenter
+from tools import cli
+
+OVERLAYS = 6  # val images drawn with their predictions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.config_parser(__doc__.splitlines()[0], "configs/shapes/seg_distill.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the final weights")
+    parser.add_argument("--teacher-baseline", action="store_true",
+                        help="score the teacher's own dense segmentation instead")
+    parser.add_argument("--no-progress", action="store_true")
+    return cli.run(_run, parser.parse_args(argv))
+
+
+def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
+    """(train, val): ADE20k under ``seg.data_root``, else the synthetic world."""
+    if cfg.seg.data_root:
+        return ade20k(cfg.seg.data_root, "training"), ade20k(cfg.seg.data_root, "validation")
+    from distill.data.synthetic import generate_world
+
+    world = generate_world(cfg.world, progress=False)
+    return synthetic_semantic(world, "train"), synthetic_semantic(world, "val")
+
+
+def build_student(cfg: ExperimentConfig, teacher: Teacher) -> PixelEmbeddingSegmenter:
+    s = cfg.seg
+    return build_segmenter(s.name, embed_dim=teacher.embed_dim, fpn_channels=s.fpn_channels,
+                           norm=s.norm, temperature=s.temperature)
+
+
+def teacher_temperature(teacher: Teacher) -> float:
+    """1 / the teacher's learned logit scale (CLIP: 0.01)."""
+    return 1.0 / float(teacher.model.logit_scale.exp())
+
+
+def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (B, 3, H, W) uint8 -> dense embeddings (B, D, h, w) and text logits (B, C, h, w)."""
+    dense = teacher.dense(images)
+    return dense, torch.einsum("bdhw,cd->bchw", dense, text) / teacher_temperature(teacher)
+
+
+def _flip(sample: dict) -> dict:
+    if torch.rand(()) < 0.5:
+        sample = {**sample, "image": sample["image"].flip(-1), "labels": sample["labels"].flip(-1)}
+    return sample
+
+
+class _Flipped(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return _flip(self.data[i])
+
+
+def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
+        progress: bool = True) -> dict[str, float]:
+    """Train ``cfg`` (unless ``eval_only``), evaluate, write ``output_dir/eval``; returns metrics."""
+    out = Path(cfg.output_dir)
+    teacher = Teacher.from_config(cfg.teacher)
+    model = build_student(cfg, teacher)
+    train_set, val_set = datasets(cfg)
+    if eval_only:
+        ckpt = out / "model_final.safetensors"
+        if not ckpt.is_file():
+            last = last_checkpoint(out)
+            if last is None:
+                raise FileNotFoundError(f"no trained weights in {out}")
+            ckpt = last / "model.safetensors"
+        load_weights(model, ckpt)
+    else:
+        save_config(cfg, out / "config.yaml")
+        text = teacher.text(train_set.classes)
+        model.set_vocabulary(text)
+        s = cfg.seg
+        weights = {**{k: 0.0 for k in DEFAULT_WEIGHTS}, "supervised_seg": s.supervised,
+                   "pixel_distill": s.pixel_distill, "pseudo_label": s.pseudo_label}
+        criterion = Criterion(weights, pixel_distill_mode=s.pixel_distill_mode,
+                              pseudo_label_threshold=s.pseudo_label_threshold)
+        online = s.pixel_distill > 0 or s.pseudo_label > 0
+        novel_ids = train_set.novel_ids
+
+        def loss_fn(model, batch):
+            outputs = model(batch["images"])
+            outputs.update(seg_labels=batch["labels"], novel_ids=novel_ids)
+            if online:
+                dense, logits = teacher_logits(teacher, batch["images"], text)
+                outputs.update(dense_targets=dense, teacher_pixel_logits=logits)
+            return criterion(outputs)
+
+        train(model, loss_fn, _Flipped(train_set), cfg.train, out, collate_fn=collate_semantic,
+              resume=resume, progress=progress)
+    model.eval()
+    metrics = evaluate(lambda images: model.predict(images), teacher, val_set, model,
+                       out / "eval", progress=progress)
+    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def teacher_baseline(cfg: ExperimentConfig, progress: bool = True) -> dict[str, float]:
+    """The teacher's zero-shot segmentation of the val split (MaskCLIP: dense embeddings vs.
+    every class name, logits upsampled bilinearly to the image); into ``output_dir/eval``."""
+    out = Path(cfg.output_dir)
+    save_config(cfg, out / "config.yaml")
+    teacher = Teacher.from_config(cfg.teacher)
+    _, val_set = datasets(cfg)
+    text = teacher.text(val_set.classes)
+
+    def predict(images):
+        logits = teacher_logits(teacher, images, text)[1]
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                             align_corners=False).argmax(1)
+
+    metrics = evaluate(predict, teacher, val_set, None, out / "eval", progress=progress)
+    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(predict, teacher: Teacher, data: SemanticDataset,
+             model: PixelEmbeddingSegmenter | None, out_dir: Path | None,
+             batch_size: int = 8, progress: bool = True) -> dict[str, float]:
+    """mIoU of ``predict(images (B, 3, H, W)) -> (B, H, W)`` over ``data``, every class name
+    in the vocabulary (the model's previous vocabulary is restored afterwards)."""
+    import time
+
+    from tqdm import tqdm
+
+    saved = model.text_embeddings if model is not None else None
+    if model is not None:
+        model.set_vocabulary(teacher.text(data.classes))
+    evaluator = SemSegEvaluator(len(data.classes), class_names=data.classes, novel=data.novel)
+    drawn, seconds = [], 0.0
+    try:
+        for start in tqdm(range(0, len(data), batch_size), desc="evaluate", disable=not progress):
+            batch = collate_semantic([data[i] for i in range(start, min(start + batch_size,
+                                                                        len(data)))])
+            t = time.perf_counter()
+            pred = predict(batch["images"])
+            seconds += time.perf_counter() - t
+            for image, p, gt in zip(batch["images"], pred, batch["labels"], strict=True):
+                evaluator.add(p, gt)
+                if len(drawn) < OVERLAYS:
+                    drawn.append(overlay(image.permute(1, 2, 0).numpy(), p.numpy(), data.classes,
+                                         data.novel))
+    finally:
+        if model is not None:
+            model.text_embeddings = saved
+    metrics = evaluator.evaluate()
+    flat = {k: float(metrics[k]) for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "aAcc")}
+    flat["images_per_s"] = len(data) / max(seconds, 1e-9)
+    if out_dir is not None:
+        evaluator.write(out_dir)
+        for k, im in enumerate(drawn):
+            tmp = out_dir / f".overlay_{k}.tmp.png"
+            im.save(tmp)
+            tmp.replace(out_dir / f"overlay_{k}.png")
+    return flat
+
+
+def _run(args) -> int:
+    cfg = cli.load(args)
+    if args.teacher_baseline:
+        metrics = teacher_baseline(cfg, progress=not args.no_progress)
+    else:
+        metrics = run(cfg, resume=args.resume, eval_only=args.eval_only,
+                      progress=not args.no_progress)
+    print(json.dumps(metrics, indent=2))
+    print(f"results: {Path(cfg.output_dir) / 'eval'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
