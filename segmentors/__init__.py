@@ -48,4 +48,11 @@ def build_segmenter(name: str, **kwargs) -> PixelEmbeddingSegmenter:
     return BUILDERS[name](**kwargs)
 
 
-__all__ = ["BUILDERS", "PixelEmbeddingSegmenter", "build_segmenter"]
+def load_student(path):
+    """An exported segmenter (``tools/export.py``) ready to ``predict``: see segmentors.predictor."""
+    from segmentors.predictor import load_student as load
+
+    return load(path)
+
+
+__all__ = ["BUILDERS", "PixelEmbeddingSegmenter", "build_segmenter", "load_student"]

@@ -122,3 +122,55 @@ def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
     assert 0 <= teacher["mIoU_novel"] <= 1
     assert seg_ablation.main(args) == 0  # a rerun reuses every stage
     assert "| n/a: stages reused |" in results.read_text()
+
+
+def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_path):
+    import subprocess
+    import sys
+
+    from distill.engine import load_weights
+    from distill.teacher import Teacher
+    from segmentors import load_student
+    from segmentors.onnx import OnnxSegmenter
+    from tools import export
+
+    run = tiny_world / "seg_supervised"  # trained by test_one_training_iteration_per_config
+    if not (run / "model_final.safetensors").is_file():
+        cfg = load_config(REPO / "configs/shapes/seg_supervised.yaml",
+                          [f"world.root={tiny_world / 'world'}", *TINY, f"output_dir={run}"])
+        train_seg.run(cfg, progress=False)
+    out = tmp_path / "segmenter"
+    assert export.main(["--run", str(run), "--output", str(out), "--onnx"]) == 0
+    student = load_student(out)
+    assert student.vocabulary.names[-4:] == ["sky", "grass", "water", "sand"]
+    assert sum(student.vocabulary.novel) == 4
+    cfg = load_config(run / "config.yaml")
+    teacher = Teacher.from_config(cfg.teacher)
+    model = train_seg.build_student(cfg, teacher).eval()
+    load_weights(model, run / "model_final.safetensors")
+    model.set_vocabulary(teacher.text(student.vocabulary.names))
+    image = sorted((tiny_world / "world").glob("*/images/val/*.png"))[0]
+    pixels = np.array(Image.open(image).convert("RGB"))
+    found = student.predict(image)
+    want = model.predict(torch.from_numpy(pixels).permute(2, 0, 1)[None])[0].numpy()
+    assert found["labels"].shape == pixels.shape[:2]
+    np.testing.assert_array_equal(found["labels"], want)
+    assert set(found["present"]) <= set(found["names"]) and found["present"]
+    # ONNX Runtime gives the same label map, at the export's size and at another one
+    onnx = OnnxSegmenter(out, threads=1)
+    for picture in (pixels, pixels[:64, :80].copy()):
+        ref, got = student.predict(picture)["labels"], onnx.predict(picture)["labels"]
+        assert got.shape == picture.shape[:2] and (got == ref).mean() > 0.999
+    # a detector loader refuses it, naming the task
+    from detectors import load_student as load_detector
+    from distill.export import ExportError
+    with pytest.raises(ExportError, match="task 'segmentation', not a detector"):
+        load_detector(out)
+    code = ("import sys\nsys.modules['open_clip'] = None\n"
+            "from segmentors import load_student\n"
+            f"r = load_student({str(out)!r}).predict({str(image)!r})\n"
+            "print(r['labels'].shape[0])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) == pixels.shape[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -103,8 +104,9 @@ def table(rows: dict[str, dict]) -> str:
 
 def floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, float, str, bool]]:
     d, b, t = (mean[k]["mIoU_novel"] for k in ("seg_distill", "seg_supervised", "seg_teacher"))
-    return [("pixel-distilled novel mIoU / base-only novel mIoU", d / max(b, 1e-9), ">= 2",
-             d >= 2 * b),
+    ratio = d / b if b > 0 else (math.inf if d > 0 else 0.0)
+    return [("pixel-distilled novel mIoU / base-only novel mIoU", ratio, ">= 2",
+             d > 0 and d >= 2 * b),
             ("pixel-distilled novel mIoU - teacher novel mIoU (points)", 100 * (d - t), ">= 0",
              d >= t),
             ("segmentation ablation wall time (minutes)", seconds / 60, "<= 20",

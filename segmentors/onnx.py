@@ -1,0 +1,89 @@
+"""ONNX export of an exported segmenter, and an ONNX Runtime predictor.
+
+The graph takes ``image`` (1, 3, H, W) float32 in [0, 1] (any H, W) and
+``text_embeddings`` (C, D), and returns ``labels`` (1, H, W) int64: the student's
+per-pixel logits upsampled bilinearly to the image and argmaxed, as
+:meth:`SegmenterStudent.predict` does.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectors.predictor import as_image_tensor
+from distill.export import Vocabulary
+from segmentors.predictor import SegmenterStudent, load_student
+
+OPSET = 17
+
+
+class _Graph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        self.model.text_embeddings = F.normalize(text_embeddings, dim=-1)
+        logits = self.model(image)["pixel_logits"]
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear",
+                             align_corners=False).argmax(1)
+
+
+def export_onnx(student: SegmenterStudent, path: str | os.PathLike) -> Path:
+    """Write the segmenter's graph to ``path`` (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    model = student.model.eval()
+    saved = model.text_embeddings
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Graph(model).eval(),
+                              (torch.zeros(1, 3, 96, 96), student.vocabulary.embeddings.float()),
+                              str(tmp), dynamo=False, opset_version=OPSET,
+                              input_names=["image", "text_embeddings"], output_names=["labels"],
+                              dynamic_axes={"image": {2: "height", 3: "width"},
+                                            "text_embeddings": {0: "classes"},
+                                            "labels": {1: "height", 2: "width"}})
+        os.replace(tmp, path)
+    finally:
+        model.text_embeddings = saved
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class OnnxSegmenter:
+    """``predict`` as :class:`SegmenterStudent`'s, run by ONNX Runtime on ``model.onnx``."""
+
+    def __init__(self, student_dir: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.student = load_student(student_dir)
+        onnx_path = Path(student_dir) / "model.onnx"
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"{onnx_path}: missing (write it with "
+                                    f"tools/export.py --onnx)")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options,
+                                            providers=["CPUExecutionProvider"])
+
+    def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
+                bgr: bool = False) -> dict:
+        vocab = self.student.vocabulary if vocabulary is None else (
+            vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary))
+        x = as_image_tensor(image, bgr)[None].float().numpy() / 255
+        (labels,) = self.session.run(None, {"image": x.astype(np.float32),
+                                            "text_embeddings": vocab.embeddings.float().numpy()})
+        labels = labels[0]
+        counts = np.bincount(labels.ravel(), minlength=len(vocab))
+        return {"labels": labels, "names": vocab.names, "novel": list(vocab.novel),
+                "present": [vocab.names[k] for k in np.argsort(-counts) if counts[k] > 0]}
