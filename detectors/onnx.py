@@ -32,7 +32,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from detectors.predictor import DetectorStudent, as_image_tensor, load_student
 from detectors.vild import ViLD
-from distill.export import Vocabulary
+from distill.export import Vocabulary, onnx_session
 
 OPSET = 17
 
@@ -100,18 +100,8 @@ class OnnxDetector:
 
     def __init__(self, student_dir: str | os.PathLike, onnx_path: str | os.PathLike | None = None,
                  threads: int | None = None):
-        import onnxruntime as ort
-
         self.student = load_student(student_dir)  # preprocessing, vocabulary, thresholds
-        onnx_path = Path(onnx_path) if onnx_path else Path(student_dir) / "model.onnx"
-        if not onnx_path.is_file():
-            raise FileNotFoundError(f"{onnx_path}: missing (write it with "
-                                    f"tools/export.py --onnx)")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(onnx_path or Path(student_dir) / "model.onnx", threads)
 
     def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
                 score_threshold: float | None = None, bgr: bool = False) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from detectors import build_detector
 from detectors.vild import ViLD
-from distill.export import ExportError, Vocabulary, read_student
+from distill.export import Vocabulary, load_model, vocabulary_for
 
 
 def as_image_tensor(image, bgr: bool = False) -> torch.Tensor:
@@ -70,13 +70,7 @@ class DetectorStudent:
     def set_vocabulary(self, vocabulary: Vocabulary | str | os.PathLike) -> None:
         """Classify with ``vocabulary`` (a :class:`Vocabulary` or a path written by
         ``tools/export.py``) from now on; the weights are untouched."""
-        if not isinstance(vocabulary, Vocabulary):
-            vocabulary = Vocabulary.load(vocabulary)
-        want = self.config.get("teacher", {}).get("fingerprint")
-        if want and vocabulary.teacher_fingerprint and vocabulary.teacher_fingerprint != want:
-            raise ExportError(f"vocabulary embedded by teacher {vocabulary.teacher_fingerprint}, "
-                              f"student distilled from teacher {want}: re-embed the names with "
-                              f"tools/export.py --vocabulary")
+        vocabulary = vocabulary_for(self.config, vocabulary)
         self.model.set_vocabulary(vocabulary.embeddings,
                                   torch.as_tensor(vocabulary.novel, dtype=torch.bool))
         self.vocabulary = vocabulary
@@ -118,14 +112,5 @@ class DetectorStudent:
 
 def load_student(path: str | os.PathLike) -> DetectorStudent:
     """An exported detector directory (``tools/export.py``) -> :class:`DetectorStudent`."""
-    config, state, vocabulary = read_student(path)
-    if config.get("task") != "detection":
-        raise ExportError(f"{Path(path) / 'config.json'}: task {config.get('task')!r}, "
-                          f"not a detector (segmentors.load_student reads segmenters)")
-    model = build_detector(**config["model"], embed_dim=int(config["embed_dim"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{Path(path) / 'model.safetensors'}: does not fit "
-                          f"{config['model'].get('name')}: missing {sorted(missing)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}")
+    model, vocabulary, config = load_model(path, "detection", build_detector)
     return DetectorStudent(model, vocabulary, config)

@@ -280,6 +280,18 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
             f"{sorted(missing)[:3]}, unexpected keys {sorted(unexpected)[:3]}")
 
 
+def final_weights(output_dir: str | os.PathLike) -> Path:
+    """A run's ``model_final.safetensors``, else its last checkpoint's weights."""
+    output_dir = Path(output_dir)
+    final = output_dir / "model_final.safetensors"
+    if final.is_file():
+        return final
+    last = last_checkpoint(output_dir)
+    if last is None:
+        raise FileNotFoundError(f"no trained weights in {output_dir}")
+    return last / "model.safetensors"
+
+
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> int:
     """Restore a checkpoint directory; returns the iteration it was written at."""
     load_weights(model, path)

@@ -195,6 +195,49 @@ def read_student(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor],
     return config, state, Vocabulary.load(directory)
 
 
+def vocabulary_for(config: dict, vocabulary: Vocabulary | str | os.PathLike) -> Vocabulary:
+    """``vocabulary`` (or the one at that path), checked against the student's teacher."""
+    if not isinstance(vocabulary, Vocabulary):
+        vocabulary = Vocabulary.load(vocabulary)
+    want = config.get("teacher", {}).get("fingerprint")
+    if want and vocabulary.teacher_fingerprint and vocabulary.teacher_fingerprint != want:
+        raise ExportError(f"vocabulary embedded by teacher {vocabulary.teacher_fingerprint}, "
+                          f"student distilled from teacher {want}: re-embed the names with "
+                          f"tools/export.py --vocabulary")
+    return vocabulary
+
+
+def load_model(directory: str | os.PathLike, task: str, build
+               ) -> tuple[torch.nn.Module, Vocabulary, dict]:
+    """(model, vocabulary, config) of an exported ``task`` student; ``build(**config["model"],
+    embed_dim=D)`` makes the empty model that the weights must fit exactly."""
+    config, state, vocabulary = read_student(directory)
+    if config.get("task") != task:
+        other = {"detection": "detectors", "segmentation": "segmentors"}.get(config.get("task"))
+        raise ExportError(f"{Path(directory) / 'config.json'}: task {config.get('task')!r}, not "
+                          f"a {task} student" + (f" ({other}.load_student reads it)" if other else ""))
+    model = build(**config["model"], embed_dim=int(config["embed_dim"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{Path(directory) / 'model.safetensors'}: does not fit "
+                          f"{config['model'].get('name')}: missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}")
+    return model, vocabulary, config
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session of ``path``; a missing file names how to write it."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (write it with tools/export.py --onnx)")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectors.predictor import as_image_tensor
-from distill.export import Vocabulary
+from distill.export import Vocabulary, onnx_session
 from segmentors.predictor import SegmenterStudent, load_student
 
 OPSET = 17
@@ -63,18 +63,8 @@ class OnnxSegmenter:
     """``predict`` as :class:`SegmenterStudent`'s, run by ONNX Runtime on ``model.onnx``."""
 
     def __init__(self, student_dir: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
-
         self.student = load_student(student_dir)
-        onnx_path = Path(student_dir) / "model.onnx"
-        if not onnx_path.is_file():
-            raise FileNotFoundError(f"{onnx_path}: missing (write it with "
-                                    f"tools/export.py --onnx)")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(Path(student_dir) / "model.onnx", threads)
 
     def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
                 bgr: bool = False) -> dict:

@@ -10,13 +10,12 @@ Needs torch and torchvision only; weights are read from safetensors, never unpic
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from detectors.predictor import as_image_tensor
-from distill.export import ExportError, Vocabulary, read_student
+from distill.export import Vocabulary, load_model, vocabulary_for
 from segmentors import build_segmenter
 from segmentors.model import PixelEmbeddingSegmenter
 
@@ -30,13 +29,7 @@ class SegmenterStudent:
 
     def set_vocabulary(self, vocabulary: Vocabulary | str | os.PathLike) -> None:
         """Segment with ``vocabulary`` (or a vocabulary directory) from now on."""
-        if not isinstance(vocabulary, Vocabulary):
-            vocabulary = Vocabulary.load(vocabulary)
-        want = self.config.get("teacher", {}).get("fingerprint")
-        if want and vocabulary.teacher_fingerprint and vocabulary.teacher_fingerprint != want:
-            raise ExportError(f"vocabulary embedded by teacher {vocabulary.teacher_fingerprint}, "
-                              f"student distilled from teacher {want}: re-embed the names with "
-                              f"tools/export.py --vocabulary")
+        vocabulary = vocabulary_for(self.config, vocabulary)
         self.model.set_vocabulary(vocabulary.embeddings)
         self.vocabulary = vocabulary
 
@@ -61,14 +54,5 @@ class SegmenterStudent:
 
 def load_student(path: str | os.PathLike) -> SegmenterStudent:
     """An exported segmenter directory (``tools/export.py``) -> :class:`SegmenterStudent`."""
-    config, state, vocabulary = read_student(path)
-    if config.get("task") != "segmentation":
-        raise ExportError(f"{Path(path) / 'config.json'}: task {config.get('task')!r}, "
-                          f"not a segmenter (detectors.load_student reads detectors)")
-    model = build_segmenter(**config["model"], embed_dim=int(config["embed_dim"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{Path(path) / 'model.safetensors'}: does not fit "
-                          f"{config['model'].get('name')}: missing {sorted(missing)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}")
+    model, vocabulary, config = load_model(path, "segmentation", build_segmenter)
     return SegmenterStudent(model, vocabulary, config)

@@ -164,7 +164,7 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     # a detector loader refuses it, naming the task
     from detectors import load_student as load_detector
     from distill.export import ExportError
-    with pytest.raises(ExportError, match="task 'segmentation', not a detector"):
+    with pytest.raises(ExportError, match="task 'segmentation', not a detection student"):
         load_detector(out)
     code = ("import sys\nsys.modules['open_clip'] = None\n"
             "from segmentors import load_student\n"

@@ -23,7 +23,7 @@ from detectors.inference import evaluate_detector
 from distill.cache import EmbeddingCache
 from distill.config import ExperimentConfig, atomic_write, save_config
 from distill.data.coco import CocoDetection, collate, dataset_id, dataset_paths
-from distill.engine import last_checkpoint, load_weights, train
+from distill.engine import final_weights, load_weights, train
 from distill.losses import build_criterion
 from distill.teacher import Teacher
 from tools import cli
@@ -129,13 +129,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     teacher = Teacher.from_config(cfg.teacher)
     model = build_student(cfg, teacher)
     if eval_only:
-        ckpt = out / "model_final.safetensors"
-        if not ckpt.is_file():
-            last = last_checkpoint(out)
-            if last is None:
-                raise FileNotFoundError(f"no trained weights in {out}")
-            ckpt = last / "model.safetensors"
-        load_weights(model, ckpt)
+        load_weights(model, final_weights(out))
     else:
         save_config(cfg, out / "config.yaml")
         instances, images = dataset_paths(cfg, "train")

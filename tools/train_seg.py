@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from distill.config import ExperimentConfig, atomic_write, save_config
 from distill.data.semantic import SemanticDataset, ade20k, collate_semantic, synthetic_semantic
-from distill.engine import last_checkpoint, load_weights, train
+from distill.engine import final_weights, load_weights, train
 from distill.evaluation.sem_seg import SemSegEvaluator, overlay
 from distill.losses import DEFAULT_WEIGHTS, Criterion
 from distill.teacher import Teacher
@@ -98,13 +98,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     model = build_student(cfg, teacher)
     train_set, val_set = datasets(cfg)
     if eval_only:
-        ckpt = out / "model_final.safetensors"
-        if not ckpt.is_file():
-            last = last_checkpoint(out)
-            if last is None:
-                raise FileNotFoundError(f"no trained weights in {out}")
-            ckpt = last / "model.safetensors"
-        load_weights(model, ckpt)
+        load_weights(model, final_weights(out))
     else:
         save_config(cfg, out / "config.yaml")
         text = teacher.text(train_set.classes)
