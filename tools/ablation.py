@@ -125,6 +125,22 @@ def write_section(path: Path, section: str, marks: tuple[str, str] = (MARK_BEGIN
     atomic_write(path, text)
 
 
+def run_seeds(fn, overrides: list[list[str]], out: Path, progress: bool,
+              jobs: int | None = None) -> list:
+    """``fn(overrides_i, out, progress)`` for each seed's overrides, ``jobs`` at a time (default
+    one per core) in spawned processes of cores / jobs threads; progress bars only alone."""
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(overrides)))
+    if jobs == 1:
+        return [fn(o, out, progress) for o in overrides]
+    print(f"running {len(overrides)} seeds, {jobs} at a time, {max(1, cores // jobs)} "
+          f"thread(s) each")
+    with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
+                             initializer=_set_threads, initargs=(max(1, cores // jobs),)) as pool:
+        return list(pool.map(fn, overrides, [out] * len(overrides),
+                             [False] * len(overrides)))
+
+
 def _set_threads(n: int) -> None:
     """Worker set-up: ``n`` torch threads; lines reach a redirected stdout as printed."""
     import torch
@@ -144,20 +160,10 @@ def _run(args, command: str) -> int:
     progress = not args.no_progress
     out = Path(cfg.output_dir)
     save_config(cfg, out / "ablation_config.yaml")
-    cores = os.cpu_count() or 1
-    jobs = max(1, min(args.jobs or cores, len(args.seeds)))
     t = time.perf_counter()
-    tasks = [([*args.overrides, f"world.seed={seed}"], out, progress and jobs == 1)
-             for seed in args.seeds]
-    if jobs == 1:
-        results = [_seed(*task) for task in tasks]
-    else:
-        print(f"running {len(tasks)} seeds, {jobs} at a time, {max(1, cores // jobs)} "
-              f"thread(s) each")
-        with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
-                                 initializer=_set_threads,
-                                 initargs=(max(1, cores // jobs),)) as pool:
-            results = list(pool.map(_seed, *zip(*tasks, strict=True)))
+    results = run_seeds(_seed, [[*args.overrides, f"world.seed={s}"] for s in args.seeds], out,
+                        progress, args.jobs)
+    seconds = time.perf_counter() - t
     per_seed = dict(zip(args.seeds, results, strict=True))
     seconds = time.perf_counter() - t
     section = report(per_seed, seconds, command)

@@ -84,11 +84,13 @@ def _file_sha(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _stage_dir(root: Path, name: str, cfg: ExperimentConfig) -> Path:
-    """``root/<name>-<hash>`` over the resolved config and the teacher checkpoint's bytes
-    (a retrained teacher at the same path must not reuse stages made with the old one)."""
-    # the segmenter section is read by no detector stage
-    spec = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir", "seg")}
+def _stage_dir(root: Path, name: str, cfg: ExperimentConfig,
+               unread: tuple[str, ...] = ("seg",)) -> Path:
+    """``root/<name>-<hash>`` over the resolved config (less the ``unread`` sections: no
+    detector stage reads ``seg``) and the teacher checkpoint's bytes (a retrained teacher
+    at the same path must not reuse stages made with the old one)."""
+    skip = ("name", "output_dir", *unread)
+    spec = {k: v for k, v in to_dict(cfg).items() if k not in skip}
     spec["teacher_sha256"] = _file_sha(cfg.teacher.pretrained)
     digest = hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:8]
     return root / f"{name}-{digest}"

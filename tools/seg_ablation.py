@@ -18,21 +18,15 @@ student's and >= the teacher's; the whole run <= 20 minutes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import multiprocessing
-import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import yaml
-
-from distill.config import atomic_write, load_config, to_dict
-from tools import ablation, cli
+from distill.config import atomic_write, load_config
+from tools import ablation, cli, pipeline
 
 STAGES = {"seg_supervised": "base-only student", "seg_distill": "pixel-distilled student",
           "seg_distill_pseudo": "pixel-distilled + pseudo-labels",
@@ -60,10 +54,7 @@ def stage(name: str, overrides: list[str], root: Path, progress: bool) -> dict:
     from tools import train_seg
 
     cfg = load_config(cli.REPO / f"configs/shapes/{name}.yaml", overrides)
-    spec = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir")}
-    spec["teacher_sha256"] = _sha(cfg.teacher.pretrained)
-    digest = hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:8]
-    out = root / f"{name}-{digest}"
+    out = pipeline._stage_dir(root, name, cfg, unread=())
     summary = out / "eval" / "summary.json"
     if summary.is_file():
         print(f"{name}: reusing {out}", flush=True)
@@ -81,11 +72,6 @@ def stage(name: str, overrides: list[str], root: Path, progress: bool) -> dict:
     print(f"{name} ({overrides[-1] if overrides else ''}): novel mIoU "
           f"{metrics['mIoU_novel']:.3f} in {metrics['seconds']:.0f} s", flush=True)
     return metrics
-
-
-def _sha(path: str | None) -> str | None:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(
-        path).is_file() else None
 
 
 def _seed(overrides: list[str], root: Path, progress: bool) -> dict[str, dict]:
@@ -140,18 +126,9 @@ def report(per_seed: dict[int, dict[str, dict]], seconds: float, command: str) -
 def _run(args, command: str) -> int:
     root = Path(args.output_dir)
     progress = not args.no_progress
-    cores = os.cpu_count() or 1
-    jobs = max(1, min(args.jobs or cores, len(args.seeds)))
-    tasks = [([*args.overrides, f"world.seed={s}"], root, progress and jobs == 1)
-             for s in args.seeds]
     t = time.perf_counter()
-    if jobs == 1:
-        results = [_seed(*task) for task in tasks]
-    else:
-        with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
-                                 initializer=ablation._set_threads,
-                                 initargs=(max(1, cores // jobs),)) as pool:
-            results = list(pool.map(_seed, *zip(*tasks, strict=True)))
+    results = ablation.run_seeds(_seed, [[*args.overrides, f"world.seed={s}"]
+                                         for s in args.seeds], root, progress, args.jobs)
     seconds = time.perf_counter() - t
     per_seed = dict(zip(args.seeds, results, strict=True))
     section = report(per_seed, seconds, command)
