@@ -18,12 +18,10 @@ from pycocotools.cocoeval import COCOeval
 
 from distill.evaluation import OVCocoEvaluator, xyxy_to_xywh
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COCO_JSON = FIXTURES / "coco_instances_val2014_100.json"
 LVIS_JSON = FIXTURES / "lvis_v0.5_val_100.json"
 pytestmark = [
-    pytest.mark.skipif(not (COCO_JSON.is_file() and LVIS_JSON.is_file()),
-                       reason=f"annotation fixtures not found in {FIXTURES} (shared/ must sit beside the repo)"),
     # third-party noise: pycocotools' decode under NumPy 2, lvis' Logger.warn
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning"),
