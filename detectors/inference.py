@@ -92,14 +92,23 @@ def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],
               out_dir: str | os.PathLike | None, batch_size: int,
               progress: bool) -> dict[str, float]:
     """Run ``predict(images) -> [{boxes, scores, labels (1-based vocabulary index)}]`` over
-    ``dataset`` and score it (COCO-OV evaluator, generalized setting)."""
+    ``dataset`` and score it in the generalized setting: LVIS's federated evaluator when
+    the categories carry LVIS ``frequency`` tags (novel = rare), else COCO-OV's."""
     if len(novel) != len(dataset.categories):
         raise ValueError(f"{len(novel)} novel flags for {len(dataset.categories)} categories "
                          f"of {dataset.instances_json}")
     category_ids = [int(c["id"]) for c in dataset.categories]
-    novel_ids = [cid for cid, n in zip(category_ids, novel, strict=True) if n]
-    evaluator = OVCocoEvaluator(dataset.instances_json, novel_category_ids=novel_ids,
-                                category_ids=category_ids)
+    lvis = all("frequency" in c for c in dataset.categories)
+    if lvis:
+        from distill.evaluation import LVISEvaluator
+
+        evaluator = LVISEvaluator(dataset.instances_json)
+        keys: tuple[str, ...] = ("AP", "AP50", "APr", "APc", "APf")
+    else:
+        novel_ids = [cid for cid, n in zip(category_ids, novel, strict=True) if n]
+        evaluator = OVCocoEvaluator(dataset.instances_json, novel_category_ids=novel_ids,
+                                    category_ids=category_ids)
+        keys = ("AP", "AP50", "AP50_novel", "AP50_base", "AP50_all")
     seconds = 0.0
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate",
                       disable=not progress, dynamic_ncols=True):
@@ -113,7 +122,7 @@ def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],
     metrics = evaluator.evaluate()["bbox"]
     if out_dir is not None:
         evaluator.write(out_dir)
-    flat = {k: float(metrics[k]) for k in ("AP", "AP50", "AP50_novel", "AP50_base", "AP50_all")}
+    flat = {k: float(metrics[k]) for k in keys}
     flat["images_per_s"] = len(dataset) / max(seconds, 1e-9)
     return flat
 

@@ -149,6 +149,12 @@ class SegmenterConfig:
     pixel_distill_mode: str = "l1"  # l1 | cosine
     pseudo_label: float = 0.0  # cross-entropy on the teacher's dense argmax over all names
     pseudo_label_threshold: float | None = None  # ignore pixels the teacher is less sure of
+    # views (segmentors/inference.py); ADE20k as mmsegmentation: 512, 512, 0.5-2, 512 / 341
+    short_side: int = 0  # resize the short side to this for training and inference; 0: as is
+    crop_size: int = 0  # training: random square crop, padded with ignore; 0: whole image
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # training: x U(range)
+    window: int = 0  # inference: sliding-window side; 0: whole image
+    stride: int = 341  # sliding-window stride
 
 
 @dataclass

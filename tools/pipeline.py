@@ -129,18 +129,12 @@ def _load_student(stage_dir: Path) -> tuple[ExperimentConfig, Teacher, object]:
 
 def proposals_stage(rpn_dir: Path, progress: bool) -> Path:
     """Top-300 class-agnostic proposals of the ViLD-text RPN on every training image."""
-    from detectors.inference import write_proposals
-    from distill.data.coco import CocoDetection, dataset_paths
+    from tools import proposals
 
     path = rpn_dir / "proposals_train.safetensors"
     if path.is_file():
         return path
-    cfg, _, model = _load_student(rpn_dir)
-    t = time.perf_counter()
-    n = write_proposals(model, CocoDetection(*dataset_paths(cfg, "train")), path,
-                        progress=progress)
-    print(f"proposals: {n} boxes written to {path} in {time.perf_counter() - t:.0f} s")
-    return path
+    return proposals.write(load_config(rpn_dir / "config.yaml"), "train", path, progress)
 
 
 def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list[str]:

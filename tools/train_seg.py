@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distill.config import ExperimentConfig, atomic_write, save_config
 from distill.data.semantic import SemanticDataset, ade20k, collate_semantic, synthetic_semantic
@@ -30,6 +29,7 @@ from distill.evaluation.sem_seg import SemSegEvaluator, overlay
 from distill.losses import DEFAULT_WEIGHTS, Criterion
 from distill.teacher import Teacher
 from segmentors import PixelEmbeddingSegmenter, build_segmenter
+from segmentors.inference import random_resize_crop, segment_logits
 from tools import cli
 
 OVERLAYS = 6  # val images drawn with their predictions
@@ -73,21 +73,22 @@ def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor
     return dense, torch.einsum("bdhw,cd->bchw", dense, text) / teacher_temperature(teacher)
 
 
-def _flip(sample: dict) -> dict:
-    if torch.rand(()) < 0.5:
-        sample = {**sample, "image": sample["image"].flip(-1), "labels": sample["labels"].flip(-1)}
-    return sample
+class TrainView(torch.utils.data.Dataset):
+    """Training samples: ``seg``'s random resize and crop (segmentors/inference.py), then a
+    left-right flip with p=0.5; the global torch RNG draws them (the engine checkpoints it)."""
 
-
-class _Flipped(torch.utils.data.Dataset):
-    def __init__(self, data):
-        self.data = data
+    def __init__(self, data: SemanticDataset, seg):
+        self.data, self.seg = data, seg
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, i):
-        return _flip(self.data[i])
+        s = random_resize_crop(self.data[i], self.seg.short_side, self.seg.crop_size,
+                               self.seg.scale_range)
+        if torch.rand(()) < 0.5:
+            s = {**s, "image": s["image"].flip(-1), "labels": s["labels"].flip(-1)}
+        return s
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
@@ -119,11 +120,11 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
                 outputs.update(dense_targets=dense, teacher_pixel_logits=logits)
             return criterion(outputs)
 
-        train(model, loss_fn, _Flipped(train_set), cfg.train, out, collate_fn=collate_semantic,
+        train(model, loss_fn, TrainView(train_set, cfg.seg), cfg.train, out, collate_fn=collate_semantic,
               resume=resume, progress=progress)
     model.eval()
-    metrics = evaluate(lambda images: model.predict(images), teacher, val_set, model,
-                       out / "eval", progress=progress)
+    metrics = evaluate(lambda images: model(images)["pixel_logits"], teacher, val_set, model,
+                       out / "eval", cfg.seg, progress=progress)
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -136,23 +137,33 @@ def teacher_baseline(cfg: ExperimentConfig, progress: bool = True) -> dict[str, 
     teacher = Teacher.from_config(cfg.teacher)
     _, val_set = datasets(cfg)
     text = teacher.text(val_set.classes)
-
-    def predict(images):
-        logits = teacher_logits(teacher, images, text)[1]
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
-                             align_corners=False).argmax(1)
-
-    metrics = evaluate(predict, teacher, val_set, None, out / "eval", progress=progress)
+    metrics = evaluate(lambda images: teacher_logits(teacher, images, text)[1], teacher,
+                       val_set, None, out / "eval", cfg.seg, progress=progress)
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
+def _same_size_batches(data: SemanticDataset, batch_size: int):
+    """Consecutive samples of ``data`` in batches of at most ``batch_size`` equal-size images."""
+    batch: list[dict] = []
+    for i in range(len(data)):
+        s = data[i]
+        if batch and (len(batch) == batch_size or s["image"].shape != batch[0]["image"].shape):
+            yield collate_semantic(batch)
+            batch = []
+        batch.append(s)
+    if batch:
+        yield collate_semantic(batch)
+
+
 @torch.no_grad()
-def evaluate(predict, teacher: Teacher, data: SemanticDataset,
-             model: PixelEmbeddingSegmenter | None, out_dir: Path | None,
+def evaluate(logits_fn, teacher: Teacher, data: SemanticDataset,
+             model: PixelEmbeddingSegmenter | None, out_dir: Path | None, seg,
              batch_size: int = 8, progress: bool = True) -> dict[str, float]:
-    """mIoU of ``predict(images (B, 3, H, W)) -> (B, H, W)`` over ``data``, every class name
-    in the vocabulary (the model's previous vocabulary is restored afterwards)."""
+    """mIoU over ``data`` of ``logits_fn(images (B, 3, h, w)) -> (B, C, h', w')`` run as
+    ``seg`` says (short side, whole image or sliding window; scored at each image's own
+    resolution), every class name in the vocabulary (the model's previous vocabulary is
+    restored afterwards)."""
     import time
 
     from tqdm import tqdm
@@ -163,17 +174,18 @@ def evaluate(predict, teacher: Teacher, data: SemanticDataset,
     evaluator = SemSegEvaluator(len(data.classes), class_names=data.classes, novel=data.novel)
     drawn, seconds = [], 0.0
     try:
-        for start in tqdm(range(0, len(data), batch_size), desc="evaluate", disable=not progress):
-            batch = collate_semantic([data[i] for i in range(start, min(start + batch_size,
-                                                                        len(data)))])
-            t = time.perf_counter()
-            pred = predict(batch["images"])
-            seconds += time.perf_counter() - t
-            for image, p, gt in zip(batch["images"], pred, batch["labels"], strict=True):
-                evaluator.add(p, gt)
-                if len(drawn) < OVERLAYS:
-                    drawn.append(overlay(image.permute(1, 2, 0).numpy(), p.numpy(), data.classes,
-                                         data.novel))
+        with tqdm(total=len(data), desc="evaluate", disable=not progress) as bar:
+            for batch in _same_size_batches(data, batch_size):
+                t = time.perf_counter()
+                pred = segment_logits(logits_fn, batch["images"], seg.short_side, seg.window,
+                                      seg.stride).argmax(1)
+                seconds += time.perf_counter() - t
+                for image, p, gt in zip(batch["images"], pred, batch["labels"], strict=True):
+                    evaluator.add(p, gt)
+                    if len(drawn) < OVERLAYS:
+                        drawn.append(overlay(image.permute(1, 2, 0).numpy(), p.numpy(),
+                                             data.classes, data.novel))
+                bar.update(len(pred))
     finally:
         if model is not None:
             model.text_embeddings = saved
