@@ -1,4 +1,5 @@
-"""Running a student over a dataset and scoring it with the COCO-OV evaluator."""
+"""Running a student over a dataset and scoring it with the COCO-OV (or LVIS) evaluator:
+box AP, and mask AP for a student with a mask head."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from detectors.vild import ViLD
+from detectors.vild import ViLD, binary_masks
 from distill.data.coco import CocoDetection
 from distill.evaluation.coco import OVCocoEvaluator
 
@@ -23,7 +24,9 @@ def evaluate_detector(model: ViLD, dataset: CocoDetection, text_embeddings: torc
     The vocabulary is the dataset's categories in label order (generalized
     setting: base and novel names together); ``novel`` (C,) marks the novel ones.
     Returns flat metrics (``AP50_novel``, ``AP50_base``, ``AP50_all``, ``AP``,
-    ``images_per_s``); with ``out_dir`` also writes the COCO results JSON,
+    ``images_per_s``); a student with a mask head is also scored on its masks
+    (probabilities > 0.5): the same keys prefixed ``mask_`` (``mask_AP50_novel``, ...).
+    With ``out_dir`` also writes the COCO results JSON,
     ``metrics.json`` and the per-class AP50 plot there. The model's previous
     vocabulary is restored afterwards.
     """
@@ -35,7 +38,8 @@ def evaluate_detector(model: ViLD, dataset: CocoDetection, text_embeddings: torc
     model.eval()
     model.set_vocabulary(text_embeddings, torch.as_tensor(list(novel), dtype=torch.bool))
     try:
-        return _evaluate(model, dataset, novel, out_dir, batch_size, progress)
+        return _evaluate(model, dataset, novel, out_dir, batch_size, progress,
+                         masks=model.roi_heads.has_mask())
     finally:
         model.roi_heads.text_embeddings, model.roi_heads.novel_mask = saved
         model.train(was_training)
@@ -90,24 +94,27 @@ def teacher_on_proposals(rpn: ViLD, teacher, text_embeddings: torch.Tensor,
 
 def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],
               out_dir: str | os.PathLike | None, batch_size: int,
-              progress: bool) -> dict[str, float]:
+              progress: bool, masks: bool = False) -> dict[str, float]:
     """Run ``predict(images) -> [{boxes, scores, labels (1-based vocabulary index)}]`` over
     ``dataset`` and score it in the generalized setting: LVIS's federated evaluator when
-    the categories carry LVIS ``frequency`` tags (novel = rare), else COCO-OV's."""
+    the categories carry LVIS ``frequency`` tags (novel = rare), else COCO-OV's. With
+    ``masks`` the predictions also hold ``masks`` (N, 1, H, W) probabilities, scored as
+    binary masks (> 0.5) under the ``mask_`` keys."""
     if len(novel) != len(dataset.categories):
         raise ValueError(f"{len(novel)} novel flags for {len(dataset.categories)} categories "
                          f"of {dataset.instances_json}")
     category_ids = [int(c["id"]) for c in dataset.categories]
     lvis = all("frequency" in c for c in dataset.categories)
+    iou_types = ("bbox", "segm") if masks else ("bbox",)
     if lvis:
         from distill.evaluation import LVISEvaluator
 
-        evaluator = LVISEvaluator(dataset.instances_json)
+        evaluator = LVISEvaluator(dataset.instances_json, iou_types=iou_types)
         keys: tuple[str, ...] = ("AP", "AP50", "APr", "APc", "APf")
     else:
         novel_ids = [cid for cid, n in zip(category_ids, novel, strict=True) if n]
         evaluator = OVCocoEvaluator(dataset.instances_json, novel_category_ids=novel_ids,
-                                    category_ids=category_ids)
+                                    category_ids=category_ids, iou_types=iou_types)
         keys = ("AP", "AP50", "AP50_novel", "AP50_base", "AP50_all")
     seconds = 0.0
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate",
@@ -118,11 +125,14 @@ def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],
         seconds += time.perf_counter() - t
         for s, r in zip(samples, results, strict=True):
             evaluator.add(s["image_id"], r["boxes"], r["scores"],
-                          [category_ids[k - 1] for k in r["labels"].tolist()])
-    metrics = evaluator.evaluate()["bbox"]
+                          [category_ids[k - 1] for k in r["labels"].tolist()],
+                          binary_masks(r["masks"]) if masks else None)
+    metrics = evaluator.evaluate()
     if out_dir is not None:
         evaluator.write(out_dir)
-    flat = {k: float(metrics[k]) for k in keys}
+    flat = {k: float(metrics["bbox"][k]) for k in keys}
+    if masks:
+        flat.update({f"mask_{k}": float(metrics["segm"][k]) for k in keys})
     flat["images_per_s"] = len(dataset) / max(seconds, 1e-9)
     return flat
 

@@ -8,9 +8,11 @@ the backbone, the RPN, the RoI heads and the post-processing (class-wise NMS) fo
 one preprocessed image: input ``image`` (1, 3, S, S) float32, the picture resized
 (longer side S, as the student's transform does), normalised and zero-padded to
 S x S; outputs ``boxes`` (N, 4) xyxy in that frame, ``scores`` (N,), ``labels``
-(N,) 1-based vocabulary indices. The vocabulary's text embeddings are a second
-input (``text_embeddings`` (C, D)), so a vocabulary swap needs no re-export.
-The predictor does the resize/pad in torch and maps the boxes back to the picture.
+(N,) 1-based vocabulary indices; a student with a mask head adds ``masks``
+(N, 1, 28, 28), each box's class-agnostic mask probabilities. The vocabulary's text
+embeddings are a second input (``text_embeddings`` (C, D)), so a vocabulary swap
+needs no re-export. The predictor does the resize/pad in torch, maps the boxes back
+to the picture and pastes the masks there (as the student's transform does).
 
 Boxes are clipped to S x S inside the graph (the PyTorch student clips to the
 resized picture): the two agree exactly on square pictures; on others they differ
@@ -28,17 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
 from detectors.predictor import DetectorStudent, as_image_tensor, load_student
-from detectors.vild import ViLD
+from detectors.vild import ViLD, binary_masks
 from distill.export import Vocabulary, onnx_session
 
 OPSET = 17
 
 
 class _Graph(nn.Module):
-    """(1, 3, S, S) preprocessed image + (C, D) text embeddings -> boxes, scores, labels."""
+    """(1, 3, S, S) preprocessed image + (C, D) text embeddings -> boxes, scores, labels
+    (+ masks (N, 1, 28, 28) probabilities with a mask head)."""
 
     def __init__(self, model: ViLD, size: int):
         super().__init__()
@@ -51,7 +55,12 @@ class _Graph(nn.Module):
         features = m.backbone(image)
         proposals, _ = m.rpn(images, features)
         det = m.roi_heads(features, proposals, images.image_sizes)[0]
-        return det["boxes"], det["scores"], det["labels"]
+        return tuple(det[k] for k in output_names(m))
+
+
+def output_names(model: ViLD) -> list[str]:
+    """The graph's outputs, in order: ``masks`` only for a student with a mask head."""
+    return ["boxes", "scores", "labels"] + (["masks"] if model.roi_heads.has_mask() else [])
 
 
 def preprocess(model: ViLD, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
@@ -77,6 +86,7 @@ def export_onnx(student: DetectorStudent, path: str | os.PathLike) -> Path:
     example = torch.zeros(1, 3, size, size)
     text = student.vocabulary.embeddings.float()
     saved = model.roi_heads.text_embeddings
+    outputs = output_names(model)
     try:
         # the tracer warns about every Python-side shape; tests/test_export.py checks that the
         # graph still follows the proposal count and vocabulary size of each input
@@ -84,10 +94,9 @@ def export_onnx(student: DetectorStudent, path: str | os.PathLike) -> Path:
             warnings.simplefilter("ignore")
             torch.onnx.export(_Graph(model, size).eval(), (example, text), str(tmp), dynamo=False,
                               opset_version=OPSET, input_names=["image", "text_embeddings"],
-                              output_names=["boxes", "scores", "labels"],
+                              output_names=outputs,
                               dynamic_axes={"text_embeddings": {0: "classes"},
-                                            "boxes": {0: "n"}, "scores": {0: "n"},
-                                            "labels": {0: "n"}})
+                                            **{k: {0: "n"} for k in outputs}})
         os.replace(tmp, path)
     finally:
         model.roi_heads.text_embeddings = saved
@@ -108,15 +117,22 @@ class OnnxDetector:
         vocab = self.student.vocabulary if vocabulary is None else (
             vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary))
         x, resized, original = preprocess(self.student.model, as_image_tensor(image, bgr))
-        boxes, scores, labels = self.session.run(None, {
-            "image": x.numpy(), "text_embeddings": vocab.embeddings.float().numpy()})
-        boxes = resize_boxes(torch.from_numpy(boxes), resized, original).numpy()
+        out = dict(zip(output_names(self.student.model), self.session.run(None, {
+            "image": x.numpy(), "text_embeddings": vocab.embeddings.float().numpy()}),
+            strict=True))
+        boxes = resize_boxes(torch.from_numpy(out["boxes"]), resized, original).numpy()
         h, w = original
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         thresh = self.student.score_threshold if score_threshold is None else score_threshold
+        scores = out["scores"]
         keep = scores >= thresh
-        labels = (labels[keep] - 1).tolist()
-        return {"boxes": boxes[keep], "scores": scores[keep].astype(np.float32), "labels": labels,
-                "names": [vocab.names[k] for k in labels],
-                "novel": [bool(vocab.novel[k]) for k in labels]}
+        labels = (out["labels"][keep] - 1).tolist()
+        found = {"boxes": boxes[keep], "scores": scores[keep].astype(np.float32),
+                 "labels": labels, "names": [vocab.names[k] for k in labels],
+                 "novel": [bool(vocab.novel[k]) for k in labels]}
+        if "masks" in out:
+            probs = paste_masks_in_image(torch.from_numpy(out["masks"][keep]),
+                                         torch.from_numpy(boxes[keep]), original)
+            found["masks"] = binary_masks(probs).numpy()
+        return found

@@ -3,6 +3,7 @@
     from detectors import load_student
     student = load_student("student/")
     found = student.predict("photo.jpg", score_threshold=0.3)   # boxes, scores, names
+                                                                 # (+ masks: mask_head)
 
 Needs torch and torchvision only (no open_clip, no teacher); weights are read from
 safetensors, never unpickled.
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from detectors import build_detector
-from detectors.vild import ViLD
+from detectors.vild import ViLD, binary_masks
 from distill.export import Vocabulary, load_model, vocabulary_for
 
 
@@ -80,6 +81,7 @@ class DetectorStudent:
                 score_threshold: float | None = None, bgr: bool = False) -> dict:
         """Detections in one image: ``boxes`` (N, 4) xyxy pixels, ``scores`` (N,), ``labels``
         (N,) indices into the vocabulary, ``names`` and ``novel`` per box; numpy / lists.
+        A student with a mask head adds ``masks`` (N, H, W) bool (probability > 0.5).
 
         ``vocabulary`` applies to this call only; ``score_threshold`` defaults to the
         export's (config.json ``thresholds.score``).
@@ -103,10 +105,13 @@ class DetectorStudent:
         for det in out:
             keep = det["scores"] >= thresh
             labels = (det["labels"][keep] - 1).tolist()
-            results.append({"boxes": det["boxes"][keep].numpy(),
-                            "scores": det["scores"][keep].numpy(), "labels": labels,
-                            "names": [vocab.names[k] for k in labels],
-                            "novel": [bool(vocab.novel[k]) for k in labels]})
+            found = {"boxes": det["boxes"][keep].numpy(),
+                     "scores": det["scores"][keep].numpy(), "labels": labels,
+                     "names": [vocab.names[k] for k in labels],
+                     "novel": [bool(vocab.novel[k]) for k in labels]}
+            if "masks" in det:
+                found["masks"] = binary_masks(det["masks"][keep]).numpy()
+            results.append(found)
         return results
 
 

@@ -7,7 +7,12 @@ teacher's embedding space. Classification is by cosine similarity with the
 frozen text embeddings of the *current vocabulary* plus one learned background
 embedding, divided by a temperature (0.01 as in ViLD). Box regression is
 class-agnostic. With ``ensemble=True`` a second, image-distilled head scores the
-same RoIs and the two are combined by ViLD-ensemble's geometric rule.
+same RoIs and the two are combined by ViLD-ensemble's geometric rule. With
+``mask_head=True`` torchvision's Mask R-CNN branch (14 x 14 RoIAlign, four convs,
+a deconvolution to 28 x 28) predicts one class-agnostic mask per RoI, as ViLD does:
+it trains on the positive RoIs against their matched ground-truth masks, and every
+detection gets channel 0's probabilities, pasted at image resolution
+(``masks`` (N, 1, H, W)).
 
 The vocabulary is an input: :meth:`ViLD.set_vocabulary` swaps the text
 embeddings (and which classes are novel) without touching the weights.
@@ -17,6 +22,9 @@ model holds no loss code apart from torchvision's RPN):
 
     outputs = model(images, targets, distill=[{"boxes": (P_i, 4), "embeddings": (P_i, D)}])
     losses = criterion(outputs)
+
+(targets also hold ``masks`` (N, H, W) uint8 for a student with a mask head; a
+horizontal flip of an image mirrors its targets with :func:`hflip_target`.)
 """
 
 from __future__ import annotations
@@ -25,7 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    maskrcnn_inference,
+    project_masks_on_boxes,
+)
 from torchvision.models.detection.rpn import (
     RegionProposalNetwork,
     RPNHead,
@@ -36,6 +49,22 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from distill.losses import ensemble_scores
+
+
+def hflip_target(target: dict[str, Tensor], width: int) -> dict[str, Tensor]:
+    """A copy of ``target`` mirrored left-right in an image of ``width`` pixels: ``boxes``
+    (N, 4) xyxy and, when present, ``masks`` (N, H, W); other entries are kept as they are."""
+    out = dict(target)
+    b = target["boxes"]
+    out["boxes"] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+    if "masks" in target:
+        out["masks"] = target["masks"].flip(-1)
+    return out
+
+
+def binary_masks(probs: Tensor) -> Tensor:
+    """Mask probabilities (N, 1, H, W), as the model returns them -> (N, H, W) bool (> 0.5)."""
+    return probs[:, 0] > 0.5
 
 
 class EmbeddingHead(nn.Module):
@@ -63,7 +92,9 @@ class EmbeddingRoIHeads(RoIHeads):
 
     Reuses torchvision's proposal matching, sampling, box coder and RoI pooling;
     replaces the predictor, the loss (moved to the criterion) and the
-    post-processing (class-agnostic boxes, optional ViLD-ensemble scores).
+    post-processing (class-agnostic boxes, optional ViLD-ensemble scores). The
+    optional Mask R-CNN branch (``mask_roi_pool``, ``mask_head``, ``mask_predictor``
+    with one output channel, passed on to ``RoIHeads``) is class-agnostic.
     """
 
     def __init__(self, box_roi_pool: MultiScaleRoIAlign, text_head: EmbeddingHead,
@@ -87,21 +118,56 @@ class EmbeddingRoIHeads(RoIHeads):
 
     def forward(self, features, proposals, image_shapes, targets=None, distill=None):
         if self.training:
-            proposals, _, labels, regression_targets = self.select_training_samples(
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
                 proposals, targets)
             if distill is not None:  # one pooling (and one head) pass over both box sets
-                return self._train_with_distill(features, proposals, image_shapes, distill,
-                                                labels, regression_targets)
+                out = self._train_with_distill(features, proposals, image_shapes, distill,
+                                               labels, regression_targets)
+            else:
+                out = self._train_outputs(
+                    *self.text_head(self.box_roi_pool(features, proposals, image_shapes)),
+                    labels, regression_targets)
+            if self.has_mask():
+                out.update(self._mask_train_outputs(features, proposals, image_shapes, targets,
+                                                    matched_idxs, labels))
+            return out
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         embeddings, box_regression = self.text_head(pooled)
-        if self.training:
-            return self._train_outputs(embeddings, box_regression, labels, regression_targets)
         probs = self.class_probs(embeddings)
         if self.image_head is not None:
             image_probs = self.class_probs(self.image_head(pooled)[0])
             probs = ensemble_scores(probs, image_probs, self.novel_mask, self.ensemble_lambda)
         boxes = self.box_coder.decode(box_regression, proposals).reshape(-1, 4)  # (R, 4)
-        return self.postprocess(probs, boxes, [len(p) for p in proposals], image_shapes)
+        detections = self.postprocess(probs, boxes, [len(p) for p in proposals], image_shapes)
+        if self.has_mask():
+            self.predict_masks(features, detections, image_shapes)
+        return detections
+
+    def mask_logits(self, features, boxes: list[Tensor], image_shapes) -> Tensor:
+        """Class-agnostic mask logits (sum_i N_i, 1, 28, 28) of ``boxes`` [(N_i, 4)] per image."""
+        return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes,
+                                                                     image_shapes)))
+
+    def predict_masks(self, features, detections: list[dict[str, Tensor]],
+                      image_shapes) -> None:
+        """Add ``masks`` (N, 1, 28, 28) probabilities, channel 0 for every box, to each
+        image's ``detections`` (in place); the transform pastes them into the image."""
+        logits = self.mask_logits(features, [d["boxes"] for d in detections], image_shapes)
+        channel = [torch.zeros_like(d["labels"]) for d in detections]  # traceable: no len()
+        for d, probs in zip(detections, maskrcnn_inference(logits, channel), strict=True):
+            d["masks"] = probs
+
+    def _mask_train_outputs(self, features, proposals, image_shapes, targets, matched_idxs,
+                            labels) -> dict:
+        """Mask R-CNN on the positive sampled RoIs: ``mask_logits`` (M, 1, S, S) and
+        ``mask_targets`` (M, S, S), each RoI's matched ground-truth mask cropped to it."""
+        positive = [torch.where(lab > 0)[0] for lab in labels]
+        boxes = [p[k] for p, k in zip(proposals, positive, strict=True)]
+        logits = self.mask_logits(features, boxes, image_shapes)
+        size = logits.shape[-1]
+        mask_targets = [project_masks_on_boxes(t["masks"], b, m[k], size)
+                        for t, b, m, k in zip(targets, boxes, matched_idxs, positive, strict=True)]
+        return {"mask_logits": logits, "mask_targets": torch.cat(mask_targets)}
 
     def _train_outputs(self, embeddings, box_regression, labels, regression_targets) -> dict:
         return {"region_embeddings": embeddings, "labels": torch.cat(labels),
@@ -163,8 +229,9 @@ class ViLD(nn.Module):
 
     Images are (3, H, W) tensors, uint8 in [0, 255] or float in [0, 1]; targets
     hold ``boxes`` (N, 4) xyxy pixels and ``labels`` (N,) 1-based vocabulary
-    indices; ``distill`` holds cached proposals ``boxes`` (P, 4) in the same
-    pixel frame and their teacher ``embeddings`` (P, D).
+    indices (and, with a mask head, ``masks`` (N, H, W) uint8); ``distill`` holds
+    cached proposals ``boxes`` (P, 4) in the same pixel frame and their teacher
+    ``embeddings`` (P, D).
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork,
@@ -200,7 +267,9 @@ class ViLD(nn.Module):
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None,
                 distill: list[dict] | None = None):
-        """Training: dict of outputs for the criterion. Eval: detections per image."""
+        """Training: dict of outputs for the criterion. Eval: detections per image
+        (``boxes``, ``scores``, ``labels``; with a mask head ``masks`` (N, 1, H, W)
+        probabilities at the image's resolution)."""
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
         if self.vocabulary_size == 0:
@@ -250,8 +319,11 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
                box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                hidden: int = 1024, featmap_names: tuple[str, ...] = ("0", "1", "2", "3"),
                image_mean=(0.485, 0.456, 0.406),
-               image_std=(0.229, 0.224, 0.225)) -> ViLD:
-    """Compose a ViLD student around ``backbone`` (with ``out_channels`` and FPN maps '0'..)."""
+               image_std=(0.229, 0.224, 0.225), mask_head: bool = False) -> ViLD:
+    """Compose a ViLD student around ``backbone`` (with ``out_channels`` and FPN maps '0'..).
+
+    ``mask_head`` adds the class-agnostic Mask R-CNN branch (its convs as wide as the FPN).
+    """
     channels = backbone.out_channels
     anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
     rpn = RegionProposalNetwork(
@@ -261,12 +333,18 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
         post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
         nms_thresh=0.7)
     pool = MultiScaleRoIAlign(list(featmap_names), output_size=7, sampling_ratio=roi_sampling_ratio)
+    masks = {}
+    if mask_head:
+        masks = {"mask_roi_pool": MultiScaleRoIAlign(list(featmap_names), output_size=14,
+                                                     sampling_ratio=roi_sampling_ratio),
+                 "mask_head": MaskRCNNHeads(channels, (channels,) * 4, 1),
+                 "mask_predictor": MaskRCNNPredictor(channels, channels, 1)}
     roi_heads = EmbeddingRoIHeads(
         pool, EmbeddingHead(channels, 7, embed_dim, hidden),
         EmbeddingHead(channels, 7, embed_dim, hidden, box_regression=False) if ensemble else None,
         embed_dim, temperature, ensemble_lambda,
         fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=box_batch_size_per_image,
         positive_fraction=0.25, bbox_reg_weights=None, score_thresh=box_score_thresh,
-        nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img)
+        nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img, **masks)
     transform = GeneralizedRCNNTransform(min_size, max_size, list(image_mean), list(image_std))
     return ViLD(backbone, rpn, roi_heads, transform)

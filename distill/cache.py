@@ -87,7 +87,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _atomic_write(path: Path, chunks: Iterable[Any], tag: str = "") -> str:
-    """Write buffers to ``path`` via tmp + fsync + rename; returns the sha256 hex."""
+    """Write buffers to ``path`` via tmp + fsync + rename; returns the sha256 hex. A failed
+    write (disk full, read-only directory) raises :class:`CacheError`, leaving ``path`` as
+    it was."""
     tmp, sha = _tmp_path(path, tag), hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
@@ -97,6 +99,10 @@ def _atomic_write(path: Path, chunks: Iterable[Any], tag: str = "") -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"cannot write {path}: {e.strerror or e}; the shards stored before are "
+                         f"intact: rerun the same command to finish") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -54,13 +54,20 @@ class WorldConfig:
 class DataConfig:
     """Where a split's COCO-style instances JSON and images live.
 
-    Unset paths mean the embedded synthetic world of the ``world`` section.
+    Unset paths mean the embedded synthetic world of the ``world`` section;
+    ``benchmark`` names a real one under ``$OVD_DATASETS`` (distill/data/roots.py):
+    ``coco_ov`` (OV-COCO train / val files), ``lvis`` (LVIS v1 train without rare
+    annotations / val) for detectors, ``ade20k`` for segmenters.
     """
 
+    benchmark: str | None = None  # coco_ov | lvis | ade20k
     train_instances: str | None = None
     train_images: str | None = None
     val_instances: str | None = None
     val_images: str | None = None
+    # a bad annotation record or image file: fail (stop, naming it) | skip (leave it out and
+    # list it in the run's skipped.json); see distill.data.coco.CocoDetection
+    on_error: str = "fail"
 
 
 @dataclass
@@ -122,6 +129,7 @@ class DetectorConfig:
     temperature: float = 0.01  # ViLD: logits = cosine / 0.01
     ensemble: bool = False  # ViLD-ensemble: a second, image-distilled head
     ensemble_lambda: float = 0.6667  # base: text^l image^(1-l); novel: text^(1-l) image^l
+    mask_head: bool = False  # class-agnostic Mask R-CNN mask branch (instance masks)
     hidden: int = 1024  # width of the RoI head's two FC layers
     box_batch_size_per_image: int = 512
     roi_sampling_ratio: int = 2  # RoIAlign samples per bin side (torchvision's Faster R-CNN: 2)
@@ -143,6 +151,7 @@ class SegmenterConfig:
     name: str = "seg_r18_fpn"  # see segmentors.BUILDERS
     fpn_channels: int = 64
     norm: str = "gn"
+    backbone_weights: str | None = None  # seg_r50_fpn: local torchvision ResNet state_dict
     temperature: float = 0.05  # logits = cosine / temperature
     supervised: float = 1.0  # cross-entropy on base-class pixels (novel ones unlabelled)
     pixel_distill: float = 0.0  # L1 (or cosine) to the teacher's dense embeddings
@@ -155,6 +164,9 @@ class SegmenterConfig:
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # training: x U(range)
     window: int = 0  # inference: sliding-window side; 0: whole image
     stride: int = 341  # sliding-window stride
+    # the teacher's dense logits (baseline and pseudo-labels), MaskCLIP: 1.0 and 0.5; 0: off
+    key_smoothing: float = 0.0
+    prompt_denoising: float = 0.0
 
 
 @dataclass
@@ -171,6 +183,7 @@ class LossConfig:
     region_word: float = 0.0
     objectness: float = 1.0
     rpn_box_reg: float = 1.0
+    mask: float = 1.0  # mask BCE; computed only for a student with model.mask_head
     distill_per_image: int = 0  # cached proposals drawn per image and step (0: all)
     queue_size: int = 1024  # BARON: 1024 queued negatives
     region_word_temperature: float = 0.02  # BARON single-region temperature 50

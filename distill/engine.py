@@ -10,7 +10,10 @@ evaluation and atomic checkpoints. ``resume=True`` continues from the last
 checkpoint and, on CPU with a fixed seed, reaches the same weights as an
 uninterrupted run: the sampler is a pure function of (seed, iteration) and every
 RNG state is checkpointed. Datasets that augment should draw their randomness
-from the sample index (or the restored global RNG with ``num_workers=0``).
+from the sample index (or the restored global RNG with ``num_workers=0``). Build
+the model after ``seed_all(seed)``: torch seeds itself differently in every process.
+Bit-identical also needs the same torch thread count (float sums are split across
+threads); a resume with another count warns.
 
 Distributed data parallel: launch the same command under ``torchrun``; each
 rank reads its own slice of every global batch, gradients are averaged, and
@@ -30,6 +33,7 @@ any moment leaves the previous checkpoint valid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -231,18 +236,57 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _write_failed(what: Path, e: Exception, intact: Path | None) -> CheckpointError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+    return CheckpointError(f"cannot write {what}: {why}; the last complete checkpoint "
+                           f"({intact if intact else 'none written yet'}) is intact")
+
+
+def remove_temporaries(output_dir: Path) -> None:
+    """Delete what killed runs left half-written (``.<name>...tmp...``) in ``output_dir``,
+    its checkpoints/ and eval/; nothing ever reads those."""
+    for folder in (output_dir, output_dir / "checkpoints", output_dir / "eval"):
+        for stale in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):  # a read-only folder fails later, with a message
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """``model``'s weights to ``path`` (safetensors) via a temporary file + fsync + rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_model(unwrap(model), str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, e, last_checkpoint(path.parent)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(output_dir, model, optimizer, scheduler, iteration: int, keep: int = 2) -> Path:
-    """Write ``checkpoints/iter_XXXXXXX`` atomically and point ``last_checkpoint`` at it."""
+    """Write ``checkpoints/iter_XXXXXXX`` atomically and point ``last_checkpoint`` at it.
+
+    A failed write (disk full, read-only directory) raises :class:`CheckpointError` and
+    leaves the previous checkpoint as it was."""
     root = _ckpt_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:07d}"
     final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         save_model(unwrap(model), str(tmp / "model.safetensors"))
         state = {"iteration": iteration, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+                 "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                 "threads": torch.get_num_threads()}
         torch.save(state, tmp / "state.pt")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -250,10 +294,13 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, iteration: int, kee
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        atomic_write(root / "last_checkpoint", name + "\n")
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(final, e, last_checkpoint(output_dir)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write(root / "last_checkpoint", name + "\n")
     done = sorted(p for p in root.glob("iter_*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -267,16 +314,25 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        missing, unexpected = load_model(unwrap(model), str(path), strict=False)
-    except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{path}: does not fit {type(unwrap(model)).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}") from None
-    except Exception as e:  # noqa: BLE001 - not a safetensors file at all
-        raise CheckpointError(f"{path}: not a safetensors checkpoint ({e})") from None
+    kind = type(unwrap(model)).__name__
+    try:  # reads the header only: a pickle (or anything else) is never unpickled
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({_one_line(e)}); "
+                              f"pickled checkpoints are refused") from None
+    own = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items()}
+    differ = [k for k in shapes if k in own and shapes[k] != own[k]]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(
+            f"{path}: does not fit {kind}: {len(differ)} tensors differ in shape, e.g. {k} is "
+            f"{shapes[k]} in the file and {own[k]} in the model (another model config, or a "
+            f"teacher with another embedding size?)")
+    missing, unexpected = load_model(unwrap(model), str(path), strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{path}: does not fit {type(unwrap(model)).__name__}: missing keys "
+            f"{path}: does not fit {kind}: missing keys "
             f"{sorted(missing)[:3]}, unexpected keys {sorted(unexpected)[:3]}")
 
 
@@ -297,17 +353,29 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> int:
     load_weights(model, path)
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path / 'state.pt'}: unreadable training state ({e})") from None
+    except Exception as e:  # noqa: BLE001 - weights_only: a pickle with code is refused here
+        raise CheckpointError(f"{path / 'state.pt'}: unreadable training state "
+                              f"({_one_line(e)[:150]})") from None
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
+    if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+        tqdm.write(f"warning: {path} was written with {state['threads']} torch threads, this run "
+                   f"has {torch.get_num_threads()}: float sums may differ from an uninterrupted run")
     return int(state["iteration"])
 
 
 # --------------------------------------------------------------------------- logging
+
+
+def _record_iter(line: str) -> float:
+    """The iteration of a ``metrics.jsonl`` line; inf for a torn one (a kill mid-append)."""
+    try:
+        return json.loads(line).get("iter", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
 
 
 class MetricsLog:
@@ -322,7 +390,7 @@ class MetricsLog:
             return
         if self.path.exists():  # drop records a killed run wrote after its last checkpoint
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iter", 0) <= start_iter]
+                    if _record_iter(line) <= start_iter]
             atomic_write(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -397,6 +465,7 @@ def train(
         model = torch.nn.parallel.DistributedDataParallel(model)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(output_dir)
     barrier()
     log = MetricsLog(output_dir, start_iter, enabled=rank == 0, tensorboard=tensorboard)
 
@@ -449,9 +518,10 @@ def train(
     finally:
         bar.close()
         log.close()
+    if evaluate is not None and start_iter >= cfg.max_iters:  # resumed a finished run
+        metrics = _evaluate(model, evaluate)
     if rank == 0:
-        save_model(unwrap(model), str(output_dir / ".model_final.tmp"))
-        os.replace(output_dir / ".model_final.tmp", output_dir / "model_final.safetensors")
+        save_weights(model, output_dir / "model_final.safetensors")
         if metrics:
             atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -17,6 +17,9 @@ vocabulary classes, D embedding dim):
 - ``distill_embeddings`` (P, D) L2-normalised student embeddings (image branch)
 - ``distill_targets`` (P, D) L2-normalised teacher embeddings of the same proposals
 - ``rpn_losses`` (optional) {``loss_objectness``, ``loss_rpn_box_reg``}: 0-d tensors
+- ``mask_logits`` (M, 1, S, S) class-agnostic mask logits of the M positive RoIs and
+  ``mask_targets`` (M, S, S) their matched ground-truth masks cropped and resized to the
+  RoI (in [0, 1]); only a student with a mask head returns them
 
 Segmenters (B images; student maps h x w, teacher maps and labels H x W; MaskCLIP+):
 
@@ -49,6 +52,7 @@ __all__ = [
     "box_regression_loss",
     "build_criterion",
     "ensemble_scores",
+    "mask_loss",
     "pixel_distill_loss",
     "pseudo_label_loss",
     "region_word_loss",
@@ -103,6 +107,19 @@ def box_regression_loss(
         beta=beta, reduction="sum",
     )
     return loss / labels.numel()
+
+
+def mask_loss(mask_logits: Tensor, mask_targets: Tensor) -> Tensor:
+    """torchvision maskrcnn_loss, class-agnostic: per-pixel binary cross-entropy (with
+    logits) of the single channel against the RoI's resized ground-truth mask, mean over
+    the M positive RoIs and S x S pixels.
+
+    mask_logits (M, 1, S, S), mask_targets (M, S, S) in [0, 1] (detached). M = 0 gives 0.
+    """
+    if mask_logits.shape[0] == 0:
+        return _zero(mask_logits)
+    return F.binary_cross_entropy_with_logits(
+        mask_logits[:, 0], mask_targets.detach().to(mask_logits.dtype))
 
 
 def vild_image_loss(distill_embeddings: Tensor, distill_targets: Tensor) -> Tensor:
@@ -301,6 +318,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "region_word": 0.0,  # off unless configured (BARON single-region weight: 0.1)
     "objectness": 1.0,
     "rpn_box_reg": 1.0,
+    "mask": 1.0,  # only for a student with a mask head (see _OPTIONAL)
 }
 
 # segmenter losses (MaskCLIP+): off unless configured; MaskCLIP+ weights pseudo_label 1,
@@ -322,7 +340,11 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "pixel_distill": ("pixel_embeddings", "dense_targets"),
     "pseudo_label": ("pixel_logits", "teacher_pixel_logits"),
     "supervised_seg": ("pixel_logits", "seg_labels"),
+    "mask": ("mask_logits", "mask_targets"),
 }
+
+# losses of optional heads: skipped (whatever the weight) when the outputs lack their keys
+_OPTIONAL: frozenset[str] = frozenset({"mask"})
 
 
 class MissingOutputError(KeyError):
@@ -337,11 +359,13 @@ class Criterion(nn.Module):
 
     ``weights`` override :data:`DEFAULT_WEIGHTS` and :data:`SEG_WEIGHTS` by short name
     (``vild_text``, ``box_reg``, ``vild_image``, ``region_word``, ``objectness``,
-    ``rpn_box_reg``; ``pixel_distill``, ``pseudo_label``, ``supervised_seg``); an unknown
-    name raises ``KeyError``; the segmenter losses are off (absent from ``weights``) unless
-    given. :meth:`forward` returns ``{"loss_<name>": weight * loss}`` for
-    the nonzero weights only. In training mode with ``region_word`` on, ``distill_targets``
-    are pushed into the negative queue after the loss is computed (MoCo order).
+    ``rpn_box_reg``, ``mask``; ``pixel_distill``, ``pseudo_label``, ``supervised_seg``); an
+    unknown name raises ``KeyError``; the segmenter losses are off (absent from ``weights``)
+    unless given. :meth:`forward` returns ``{"loss_<name>": weight * loss}`` for
+    the nonzero weights only; ``mask`` only when the outputs hold the mask head's
+    ``mask_logits`` (a student without one trains as before). In training mode with
+    ``region_word`` on, ``distill_targets`` are pushed into the negative queue after the
+    loss is computed (MoCo order).
     ``pixel_distill_mode`` ("l1" | "cosine") and ``pseudo_label_threshold`` are passed to
     :func:`pixel_distill_loss` and :func:`pseudo_label_loss`.
     """
@@ -391,6 +415,8 @@ class Criterion(nn.Module):
             return box_regression_loss(o["box_regression"], o["regression_targets"], o["labels"])
         if name == "vild_image":
             return vild_image_loss(o["distill_embeddings"], o["distill_targets"])
+        if name == "mask":
+            return mask_loss(o["mask_logits"], o["mask_targets"])
         if name == "region_word":
             queue = self.queue.contents() if len(self.queue) else None
             return region_word_loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
@@ -406,7 +432,8 @@ class Criterion(nn.Module):
         return o["rpn_losses"][f"loss_{name}"]
 
     def forward(self, outputs: dict) -> dict[str, Tensor]:
-        active = [n for n, w in self.weights.items() if w != 0]
+        active = [n for n, w in self.weights.items()
+                  if w != 0 and not (n in _OPTIONAL and _REQUIRED[n][0] not in outputs)]
         for name in active:  # fail before computing anything
             self._require(outputs, name)
         if "region_word" in active and self.training and self.queue.size > 0:

@@ -11,29 +11,32 @@ from detectors.backbones import resnet_fpn
 from segmentors.model import PixelEmbeddingSegmenter
 
 
-def _seg(depth: int, embed_dim: int, fpn_channels: int, norm: str,
-         temperature: float) -> PixelEmbeddingSegmenter:
+def _seg(depth: int, embed_dim: int, fpn_channels: int, norm: str, temperature: float,
+         backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
     # strides 8, 16, 32 (ResNet layers 2-4): the embedded world's 160 px -> 20 x 20 pixels
-    return PixelEmbeddingSegmenter(resnet_fpn(depth, (2, 3, 4), fpn_channels, norm), embed_dim,
-                                   temperature)
+    return PixelEmbeddingSegmenter(resnet_fpn(depth, (2, 3, 4), fpn_channels, norm,
+                                              backbone_weights), embed_dim, temperature)
 
 
 def seg_r18_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
-                temperature: float = 0.05) -> PixelEmbeddingSegmenter:
+                temperature: float = 0.05,
+                backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
     """ResNet-18/FPN pixel-embedding segmenter, trained from scratch (GroupNorm)."""
-    return _seg(18, embed_dim, fpn_channels, norm, temperature)
+    return _seg(18, embed_dim, fpn_channels, norm, temperature, backbone_weights)
 
 
 def seg_r10_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
-                temperature: float = 0.05) -> PixelEmbeddingSegmenter:
+                temperature: float = 0.05,
+                backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
     """As :func:`seg_r18_fpn` with one BasicBlock per stage: half the backbone cost."""
-    return _seg(10, embed_dim, fpn_channels, norm, temperature)
+    return _seg(10, embed_dim, fpn_channels, norm, temperature, backbone_weights)
 
 
 def seg_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_bn",
-                temperature: float = 0.05) -> PixelEmbeddingSegmenter:
-    """ResNet-50/FPN for ADE20k."""
-    return _seg(50, embed_dim, fpn_channels, norm, temperature)
+                temperature: float = 0.05,
+                backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
+    """ResNet-50/FPN for ADE20k (ImageNet backbone weights from a local file)."""
+    return _seg(50, embed_dim, fpn_channels, norm, temperature, backbone_weights)
 
 
 BUILDERS = {"seg_r10_fpn": seg_r10_fpn, "seg_r18_fpn": seg_r18_fpn, "seg_r50_fpn": seg_r50_fpn}

@@ -1,5 +1,6 @@
-"""COCO-OV and LVIS evaluators against independent pycocotools / lvis runs on real
-annotation files (shared/fixtures). Result sets are synthesised from the ground truth."""
+"""COCO-OV evaluator against independent pycocotools runs on a real annotation file
+(tests/fixtures). Result sets are synthesised from the ground truth. The LVIS evaluator's
+tests, and more COCO result sets, are in test_eval_parity.py."""
 
 from __future__ import annotations
 
@@ -20,17 +21,14 @@ from distill.evaluation import OVCocoEvaluator, xyxy_to_xywh
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COCO_JSON = FIXTURES / "coco_instances_val2014_100.json"
-LVIS_JSON = FIXTURES / "lvis_v0.5_val_100.json"
 pytestmark = [
-    # third-party noise: pycocotools' decode under NumPy 2, lvis' Logger.warn
+    # third-party noise: pycocotools' decode under NumPy 2
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning"),
 ]
 
 # COCO-OV novel classes (OVR-CNN split), DESIGN.md
 NOVEL_IDS = (5, 6, 17, 18, 21, 22, 28, 32, 36, 41, 47, 49, 61, 63, 76, 81, 87)
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-LVIS_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -272,114 +270,3 @@ def test_coco_empty_predictions(coco_gt, tmp_path):
     paths = ev.write(tmp_path)
     assert json.loads(paths["results"].read_text()) == []
     assert paths["plot_segm"].read_bytes().startswith(PNG_MAGIC)
-
-
-# ----------------------------------------------------------------------------------
-# LVIS
-
-@pytest.fixture(scope="module")
-def lvis_mod():
-    lvis = pytest.importorskip("lvis")
-    from distill.evaluation.lvis import LVISEvaluator
-    return lvis, LVISEvaluator
-
-
-def direct_lvis_eval(lvis, results: list[dict], iou_type: str, monkeypatch) -> dict:
-    # lvis 0.5.3 uses np.float (removed in NumPy 1.24)
-    monkeypatch.setattr(np, "float", float, raising=False)
-    gt = lvis.LVIS(str(LVIS_JSON))
-    E = lvis.LVISEval(gt, lvis.LVISResults(gt, copy.deepcopy(results)), iou_type)
-    E.run()
-    monkeypatch.undo()
-    return dict(E.get_results())
-
-
-def lvis_gt_dets(gt, with_masks: bool = False):
-    per_image = {}
-    for iid in gt.get_img_ids():
-        anns = gt.img_ann_map[iid]
-        xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-        per_image[iid] = (np.c_[xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], np.ones(len(anns)),
-                          np.array([a["category_id"] for a in anns]),
-                          [gt.ann_to_rle(a) for a in anns] if with_masks else None)
-    return per_image
-
-
-def test_lvis_gt_as_detections(lvis_mod):
-    _, LVISEvaluator = lvis_mod
-    ev = LVISEvaluator(LVIS_JSON, iou_types=("bbox", "segm"))
-    fill(ev, lvis_gt_dets(ev.gt, with_masks=True))
-    m = ev.evaluate()
-    for t in ("bbox", "segm"):
-        assert set(LVIS_KEYS) <= set(m[t])
-        # precision = tp / (tp + fp + eps): 1 - 2e-16 for the single rare class
-        assert all(m[t][k] == pytest.approx(1.0, abs=1e-12) for k in LVIS_KEYS), m[t]
-    assert not hasattr(np, "float")  # the compatibility alias does not leak
-
-
-def test_lvis_perturbed_matches_lvis_eval_and_caps_300(lvis_mod, monkeypatch, tmp_path):
-    lvis, LVISEvaluator = lvis_mod
-    ev = LVISEvaluator(LVIS_JSON)
-    gt = ev.gt
-    rng = np.random.default_rng(0)
-    cat_ids = np.array(gt.get_cat_ids())
-    results = []
-    for iid in gt.get_img_ids():
-        img = gt.imgs[iid]
-        boxes, cats = [], []
-        for a in gt.img_ann_map[iid]:
-            if rng.random() < 0.2:
-                continue
-            x, y, w, h = a["bbox"]
-            x, y = x + rng.normal(0, 0.1) * w, y + rng.normal(0, 0.1) * h
-            boxes.append([x, y, x + w * np.exp(rng.normal(0, 0.1)), y + h * np.exp(rng.normal(0, 0.1))])
-            cats.append(a["category_id"])
-        # false positives: a negative class (counted), a not-exhaustive class and an
-        # unverified class (both ignored by the federated protocol)
-        fp_cats = [rng.choice(img["neg_category_ids"]) if img["neg_category_ids"] else None,
-                   rng.choice(img["not_exhaustive_category_ids"]) if img["not_exhaustive_category_ids"] else None,
-                   rng.choice(cat_ids)]
-        for c in fp_cats:
-            if c is not None:
-                x, y = rng.uniform(0, img["width"] - 60), rng.uniform(0, img["height"] - 60)
-                boxes.append([x, y, x + rng.uniform(10, 200), y + rng.uniform(10, 200)])
-                cats.append(int(c))
-        boxes = np.array(boxes).reshape(-1, 4)
-        scores = rng.uniform(0.05, 1.0, len(boxes))
-        ev.add(iid, torch.from_numpy(boxes), scores, cats)
-        results += [{"image_id": iid, "category_id": int(c), "score": float(s),
-                     "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]} for b, s, c in zip(boxes, scores, cats, strict=True)]
-    # 400 low-score detections on one image: only its top-300 may be kept
-    crowded = gt.get_img_ids()[0]
-    n_before = sum(r["image_id"] == crowded for r in results)
-    x = rng.uniform(0, 300, size=(400, 2))
-    boxes = np.c_[x, x + rng.uniform(5, 100, size=(400, 2))]
-    low = rng.uniform(0.0, 0.01, 400)
-    cats = np.full(400, gt.img_ann_map[crowded][0]["category_id"])  # a class present: real FPs
-    ev.add(crowded, boxes, low, cats)
-    results += [{"image_id": crowded, "category_id": int(c), "score": float(s),
-                 "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]} for b, s, c in zip(boxes, low, cats, strict=True)]
-
-    kept = [r for r in ev.results() if r["image_id"] == crowded]
-    assert len(kept) == 300 and n_before < 300
-    dropped = sorted(low)[: n_before + 400 - 300]
-    assert min(r["score"] for r in kept) >= max(dropped)
-    assert sum(r["score"] >= 0.05 for r in kept) == n_before  # every regular detection kept
-    assert len(ev.results()) == len(results) - (n_before + 400 - 300)
-
-    m = ev.evaluate()["bbox"]
-    ref = direct_lvis_eval(lvis, results, "bbox", monkeypatch)  # LVISResults caps to 300 itself
-    for k in LVIS_KEYS:
-        assert m[k] == pytest.approx(ref[k], abs=1e-6), k
-    assert 0.2 < m["AP"] < m["AP50"] < 0.95 and m["APc"] != m["APf"]
-
-    paths = ev.write(tmp_path)
-    assert json.loads(paths["metrics"].read_text()) == ev.evaluate()
-    assert len(json.loads(paths["results"].read_text())) == len(ev.results())
-    assert paths["plot_bbox"].read_bytes().startswith(PNG_MAGIC)
-
-
-def test_lvis_empty_predictions(lvis_mod):
-    _, LVISEvaluator = lvis_mod
-    m = LVISEvaluator(LVIS_JSON).evaluate()["bbox"]
-    assert all(m[k] == 0.0 for k in LVIS_KEYS), m

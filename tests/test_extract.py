@@ -141,18 +141,3 @@ def test_proposals_file_and_dense(setup, tmp_path):
     with pytest.raises(ProposalsError, match="junk.safetensors: not a proposals file"):
         load_proposals(tmp_path / "junk.safetensors")
 
-
-def test_user_errors_are_one_line(setup, capsys):
-    assert _extract(setup, "cache.nmae=x") == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown config key 'cache.nmae'" in err
-    assert _extract(setup, "cache.proposals=nowhere.safetensors") == 2
-    assert "file not found: nowhere.safetensors" in capsys.readouterr().err
-    # another teacher (one crop scale) into an existing store: the cache refuses it
-    assert _extract(setup, "cache.name=mixed", "cache.proposals=gt", "cache.split=val") == 0
-    capsys.readouterr()
-    assert _extract(setup, "cache.name=mixed", "cache.proposals=gt", "cache.split=val",
-                    "teacher.crop_scales=[1.0]") == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "was written by teacher fingerprint" in err and "use another cache.name" in err

@@ -195,8 +195,9 @@ def test_queue_fifo_order_and_detach():
 def test_criterion_defaults():
     crit = Criterion()
     assert crit.weights == {"vild_text": 1.0, "box_reg": 1.0, "vild_image": 0.5,
-                            "region_word": 0.0, "objectness": 1.0, "rpn_box_reg": 1.0}
-    losses = crit(outputs())
+                            "region_word": 0.0, "objectness": 1.0, "rpn_box_reg": 1.0,
+                            "mask": 1.0}
+    losses = crit(outputs())  # no mask head outputs: no mask loss
     assert set(losses) == {"loss_vild_text", "loss_box_reg", "loss_vild_image",
                            "loss_objectness", "loss_rpn_box_reg"}
     assert losses["loss_vild_image"].item() == pytest.approx(0.5 * 1.2, rel=1e-6)

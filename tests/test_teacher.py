@@ -431,3 +431,59 @@ def test_dense_short_side_scales_the_dense_input(tmp_path):
     image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)
     assert short.dense(image).shape == (128, 8, 11)
     assert own.fingerprint != short.fingerprint
+
+
+def test_dense_keys_are_the_last_attention_keys(vit, rn):
+    img = _image(64, 96, seed=3)
+    keys = vit.dense(img, keys=True)
+    assert keys.shape[-2:] == vit.dense(img).shape[-2:]
+    with torch.no_grad():  # the manual ViT path up to the last block, then its key projection
+        visual = vit.model.visual
+        x = _norm_image(vit, img)[None]
+        t = visual.conv1(x)
+        gh, gw = t.shape[-2:]
+        t = t.flatten(2).transpose(1, 2)
+        from distill.teacher.dense import interpolate_pos_embed
+        t = torch.cat([visual.class_embedding.view(1, 1, -1), t], 1)
+        t = _ln(visual.ln_pre, t + interpolate_pos_embed(visual, (gh, gw)))
+        for blk in visual.transformer.resblocks[:-1]:
+            t = blk(t)
+        last = visual.transformer.resblocks[-1]
+        k = F.linear(_ln(last.ln_1, t), last.attn.in_proj_weight, last.attn.in_proj_bias)
+        k = k.chunk(3, dim=-1)[1][0, 1:].T.reshape(-1, gh, gw)
+    torch.testing.assert_close(keys, k, atol=1e-4, rtol=1e-4)
+    rk = rn.dense(img, keys=True)
+    assert rk.shape == (rn.model.visual.attnpool.k_proj.out_features, 2, 3)
+
+
+def test_prompt_denoising_drops_classes_never_confident():
+    from distill.teacher.dense import refine_logits
+
+    # 3 classes on a 1 x 2 grid; class 2 never exceeds softmax 0.3, class 1 reaches 0.6
+    logits = torch.log(torch.tensor([[0.5, 0.2], [0.2, 0.6], [0.3, 0.2]])).view(1, 3, 1, 2)
+    out = refine_logits(logits, prompt_denoising=0.5)
+    assert (out[0, 2] == -1e4).all()
+    torch.testing.assert_close(out[0, :2], logits[0, :2])
+    # no class confident anywhere: the most confident one (class 0, 0.4) survives
+    flat = torch.log(torch.tensor([[0.4, 0.3], [0.3, 0.4], [0.3, 0.3]])).view(1, 3, 1, 2)
+    kept = refine_logits(flat, prompt_denoising=0.9)[0]
+    assert (kept[0] == flat[0, 0]).all() and (kept[1:] == -1e4).all()
+
+
+def test_key_smoothing_hand_computed():
+    from distill.teacher.dense import refine_logits
+
+    # 2 classes, 3 locations; keys: locations 0 and 1 point the same way, 2 is orthogonal
+    p = torch.tensor([[0.9, 0.3, 0.6], [0.1, 0.7, 0.4]])
+    logits = p.log().view(1, 2, 1, 3)
+    keys = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]).view(1, 2, 1, 3)
+    out = refine_logits(logits, keys, key_smoothing=0.95).softmax(1)[0, :, 0]
+    # location 0 (top 0.9 < 0.95) and 1 average each other; 2 only sees itself
+    want = torch.tensor([[0.6, 0.6, 0.6], [0.4, 0.4, 0.4]])
+    torch.testing.assert_close(out, want)
+    # a threshold below a location's confidence leaves it alone (location 0: 0.9)
+    out = refine_logits(logits, keys, key_smoothing=0.8).softmax(1)[0, :, 0]
+    torch.testing.assert_close(out[:, 0], p[:, 0])
+    torch.testing.assert_close(out[:, 1], torch.tensor([0.6, 0.4]))
+    with pytest.raises(ValueError, match="keys"):
+        refine_logits(logits, None, key_smoothing=1.0)

@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from distill.config import ConfigError, load_config
-from distill.engine import CheckpointError, NonFiniteLossError
+from distill.config import ConfigError, load_config, to_dict
+from distill.engine import CheckpointError, NonFiniteLossError, last_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Errors caused by the user's input: reported as one line (no traceback unless --debug).
-USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError)
+# Errors caused by the user's input or the machine (a missing file, a full disk, a read-only
+# directory): reported as one line (no traceback unless --debug).
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, OSError, ValueError)
 
 
 def config_parser(description: str, default_config: str) -> argparse.ArgumentParser:
@@ -42,3 +43,26 @@ def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 
 def load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_rerun(cfg) -> None:
+    """A training command rerun into its ``output_dir`` resumes from the last checkpoint;
+    refuse (one line naming the first differing key) when that run had another config
+    (``output_dir`` aside: a moved run continues)."""
+    out = Path(cfg.output_dir)
+    if last_checkpoint(out) is None or not (out / "config.yaml").is_file():
+        return
+    before, now = _flat(to_dict(load_config(out / "config.yaml"))), _flat(to_dict(cfg))
+    for key in sorted((before.keys() | now.keys()) - {"output_dir"}):
+        if before.get(key) != now.get(key):
+            raise ConfigError(
+                f"{out} holds a run of another config ({key}: {before.get(key)!r} there, "
+                f"{now.get(key)!r} now): pass another output_dir, or delete "
+                f"{out / 'checkpoints'} to start over")

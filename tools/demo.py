@@ -4,8 +4,10 @@
                          [--vocabulary vocab/] [--score-threshold 0.3]
 
 Each image is written to ``--output`` under its own name (as PNG) with the boxes
-drawn, novel classes in magenta and training classes in cyan; every detection
-goes to ``predictions.json`` (box xyxy pixels, score, name, novel).
+drawn, novel classes in magenta and training classes in cyan (a student with a mask
+head also fills each detection's mask, semi-transparent, in its colour); every
+detection goes to ``predictions.json`` (box xyxy pixels, score, name, novel, and
+for masks ``mask``: COCO compressed RLE ``{"size": [H, W], "counts": str}``).
 ``--vocabulary`` takes a vocabulary directory written by
 ``tools/export.py --vocabulary-only`` (the student's own by default).
 ``--show-teacher`` draws, right of the student's result, ViLD's "teacher on cropped
@@ -26,6 +28,7 @@ from tools import cli
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 NOVEL, BASE = (255, 0, 255), (0, 220, 255)
+MASK_ALPHA = 0.45  # opacity of a mask's fill
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +61,18 @@ def image_paths(items: list[str]) -> list[Path]:
 
 
 def draw(image, found: dict):
-    """A copy of ``image`` (PIL) with each detection's box and ``name score`` drawn."""
-    from PIL import ImageDraw
+    """A copy of ``image`` (PIL) with each detection's box and ``name score`` drawn, over
+    its mask (``found["masks"]`` (N, H, W) bool, when given) filled in the same colour."""
+    import numpy as np
+    from PIL import Image, ImageDraw
 
     image = image.convert("RGB")
+    if len(found.get("masks", ())):
+        pixels = np.asarray(image, dtype=np.float32).copy()
+        for mask, novel in zip(found["masks"], found["novel"], strict=True):
+            colour = np.asarray(NOVEL if novel else BASE, dtype=np.float32)
+            pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * colour
+        image = Image.fromarray(pixels.round().astype(np.uint8))
     pen = ImageDraw.Draw(image)
     for box, score, name, novel in zip(found["boxes"], found["scores"], found["names"],
                                        found["novel"], strict=True):
@@ -139,11 +150,18 @@ def _run(args) -> int:
         tmp = out / f".{path.stem}.tmp.png"
         drawn.save(tmp)
         tmp.replace(out / f"{path.stem}.png")
-        records.append({"image": str(path), "detections": [
+        detections = [
             {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "name": n,
              "novel": nv}
             for b, s, n, nv in zip(found["boxes"], found["scores"], found["names"],
-                                   found["novel"], strict=True)]})
+                                   found["novel"], strict=True)]
+        if "masks" in found:
+            from distill.evaluation import encode_masks
+
+            masks = found["masks"]
+            for d, rle in zip(detections, encode_masks(masks, *masks.shape[1:]), strict=True):
+                d["mask"] = rle
+        records.append({"image": str(path), "detections": detections})
     atomic_write(out / "predictions.json", json.dumps(records, indent=2) + "\n")
     total = sum(len(r["detections"]) for r in records)
     print(f"{len(records)} images, {total} detections: {out}")

@@ -135,7 +135,7 @@ def _classes(cfg, segmenter: bool) -> tuple[list[str], list[bool], set[str]]:
 
     val = CocoDetection(*dataset_paths(cfg, "val"))
     train = CocoDetection(*dataset_paths(cfg, "train"))
-    return (val.names, [c.get("split") == "novel" for c in val.categories],
+    return (val.names, val.novel,
             {c["name"].lower() for c in train.categories if c.get("split") != "novel"})
 
 

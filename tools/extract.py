@@ -6,8 +6,10 @@
 Writes ``cache.root/cache.name`` (distill/cache.py) for every image of
 ``cache.split``: proposals per ``cache.proposals`` (distill/data/proposals.py), their
 teacher embeddings (``teacher.region_mode``) and, with ``cache.store_dense``, the
-dense map. Resumable: a rerun computes only the images not stored yet. Ends with
-``extract_summary.json`` and ``extract_config.yaml`` in the store directory.
+dense map. Resumable: a rerun of the same command computes only the images not
+stored yet. Ends with ``extract_summary.json`` and ``extract_config.yaml`` in the store
+directory; with ``data.on_error=skip``, ``skipped.json`` lists the annotation records and
+images left out (which are not in the store's image list).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _run(args) -> int:
     cfg = cli.load(args)
     rank, world_size = init_distributed(cfg.teacher.device)
     instances, image_dir = dataset_paths(cfg, cfg.cache.split)
-    dataset = CocoDetection(instances, image_dir)
+    dataset = CocoDetection(instances, image_dir, on_error=cfg.data.on_error)
     source = ProposalSource(cfg.cache)
     source.check_covers(dataset.ids)
     teacher = Teacher.from_config(cfg.teacher)
@@ -63,6 +65,10 @@ def _run(args) -> int:
         store, dataset.ids, fingerprint=fingerprint, dataset_id=dataset_id(instances),
         dim=teacher.embed_dim, dtype=cfg.cache.dtype, shard_size=cfg.cache.shard_size,
         rank=rank, world_size=world_size)
+    if dataset.skipped and rank == 0:
+        atomic_write(store / "skipped.json", json.dumps(dataset.skipped, indent=1) + "\n")
+        print(f"data.on_error=skip: left out {len(dataset.skipped)} records or images, listed "
+              f"in {store / 'skipped.json'}")
 
     todo = [dataset.index(i) for i in writer.missing()]
     loader = DataLoader(Subset(dataset, todo), batch_size=IMAGES_PER_CALL, collate_fn=collate,
@@ -97,6 +103,8 @@ def _run(args) -> int:
         "world_size": world_size,
     }
     if rank == 0:
+        for stale in [*store.glob(".extract_*.tmp"), *store.glob(".skipped.json.*.tmp")]:
+            stale.unlink(missing_ok=True)  # left by a killed run
         atomic_write(store / "extract_summary.json", json.dumps(summary, indent=1) + "\n")
         save_config(cfg, store / "extract_config.yaml")
         print(f"extracted {images} images, {regions} regions ({summary['bytes_per_region']} B/region) "

@@ -165,7 +165,7 @@ def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
         return {**json.loads(summary.read_text()), "reused": True}
     cfg, teacher, rpn = _load_student(rpn_dir)
     val = CocoDetection(*dataset_paths(cfg, "val"))
-    novel = [c.get("split") == "novel" for c in val.categories]
+    novel = val.novel
     metrics = evaluate_teacher_on_proposals(rpn, teacher, val, teacher.text(val.names), novel,
                                             summary.parent, temperature=cfg.model.temperature,
                                             num_proposals=num_proposals, progress=progress)

@@ -1,12 +1,18 @@
 """Train (or only evaluate) a ViLD-family student detector.
 
-    python -m tools.train --config configs/shapes/vild.yaml [key=value ...] [--resume] [--eval-only]
+    python -m tools.train --config configs/shapes/vild.yaml [key=value ...] [--eval-only]
 
 The training vocabulary is the train split's base categories (``split`` tag not
 "novel"); distillation targets (``loss.vild_image`` > 0) come from the cache
 written by ``tools/extract.py`` (ViLD's offline recipe: no image encoder runs
 during training; only the teacher's text encoder embeds the class names). The
 final evaluation uses every category of the val split (generalized setting).
+
+Rerunning the same command resumes from the last checkpoint in ``output_dir`` (a
+killed run ends with the weights an uninterrupted one gets); a rerun with another
+config into an ``output_dir`` that holds checkpoints is refused. With
+``data.on_error=skip`` the records and images left out are listed in
+``output_dir/skipped.json``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import torch
 
 from detectors import ViLD, build_detector
 from detectors.inference import evaluate_detector
+from detectors.vild import hflip_target
 from distill.cache import EmbeddingCache
 from distill.config import ExperimentConfig, atomic_write, save_config
-from distill.data.coco import CocoDetection, collate, dataset_id, dataset_paths
-from distill.engine import final_weights, load_weights, train
+from distill.data.coco import CocoDetection, DatasetError, collate, dataset_id, dataset_paths
+from distill.engine import final_weights, load_weights, seed_all, train
 from distill.losses import build_criterion
 from distill.teacher import Teacher
 from tools import cli
@@ -47,7 +54,8 @@ class DistillationSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.data[i]
-        image, boxes = s["image"], s["boxes"]
+        image = s["image"]
+        target = {k: s[k] for k in ("boxes", "labels", "masks") if k in s}
         distill = None
         if self.cache is not None:
             rec = self.cache.get(s["image_id"])
@@ -60,20 +68,15 @@ class DistillationSet(torch.utils.data.Dataset):
         if self.flip and torch.rand(()) < 0.5:
             w = image.shape[-1]
             image = image.flip(-1)
-            boxes = _flip(boxes, w)
+            target = hflip_target(target, w)
             if distill is not None:
-                distill["boxes"] = _flip(distill["boxes"], w)
-        return {"image": image, "target": {"boxes": boxes, "labels": s["labels"]},
-                "distill": distill, "image_id": s["image_id"]}
-
-
-def _flip(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """boxes (N, 4) xyxy mirrored left-right in an image of ``width`` pixels."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+                distill = hflip_target(distill, w)
+        return {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
 
 
 def base_category_ids(data: CocoDetection) -> list[int]:
-    return [int(c["id"]) for c in data.categories if c.get("split", "base") != "novel"]
+    return [int(c["id"]) for c, novel in zip(data.categories, data.novel, strict=True)
+            if not novel]
 
 
 def open_cache(cfg: ExperimentConfig, teacher: Teacher, instances: Path) -> EmbeddingCache:
@@ -95,18 +98,35 @@ def build_student(cfg: ExperimentConfig, teacher: Teacher) -> ViLD:
     return build_detector(**dataclasses.asdict(cfg.model), embed_dim=teacher.embed_dim)
 
 
+def check_names(data: CocoDetection, what: str = "categories") -> None:
+    """The text classifier needs distinct class names: at least one, none repeated."""
+    if not data.categories:
+        raise DatasetError(f"{data.instances_json}: no {what} (an empty vocabulary)")
+    seen: dict[str, int] = {}
+    for c, name in zip(data.categories, data.names, strict=True):
+        if name.lower() in seen:
+            raise DatasetError(f"{data.instances_json}: categories {seen[name.lower()]} and "
+                               f"{c['id']} are both named '{name}'")
+        seen[name.lower()] = c["id"]
+
+
+def val_set(cfg: ExperimentConfig) -> CocoDetection:
+    val = CocoDetection(*dataset_paths(cfg, "val"), on_error=cfg.data.on_error)
+    check_names(val)
+    return val
+
+
 def evaluate(cfg: ExperimentConfig, model: ViLD, teacher: Teacher, out_dir: Path | None,
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, val: CocoDetection | None = None) -> dict[str, float]:
     """Generalized-setting box AP on the val split (all its categories in the vocabulary)."""
-    val = CocoDetection(*dataset_paths(cfg, "val"))
-    novel = [c.get("split") == "novel" for c in val.categories]
+    val = val_set(cfg) if val is None else val
+    novel = val.novel
     return evaluate_detector(model, val, teacher.text(val.names), novel, out_dir,
                              progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.config_parser(__doc__.splitlines()[0], "configs/shapes/vild.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the final weights")
     parser.add_argument("--no-progress", action="store_true")
     return cli.run(_run, parser.parse_args(argv))
@@ -115,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     cfg = cli.load(args)
     out = Path(cfg.output_dir)
-    metrics = run(cfg, resume=args.resume, eval_only=args.eval_only,
-                  progress=not args.no_progress)
+    if not args.eval_only:
+        cli.check_rerun(cfg)
+    metrics = run(cfg, resume=True, eval_only=args.eval_only, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     print(f"results: {out / 'eval'}")
     return 0
@@ -126,19 +147,32 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         progress: bool = True) -> dict[str, float]:
     """Train ``cfg`` (unless ``eval_only``), evaluate, write ``output_dir/eval``; returns metrics."""
     out = Path(cfg.output_dir)
+    for split in ("train", "val"):  # a missing benchmark file fails before the teacher loads
+        dataset_paths(cfg, split)
     teacher = Teacher.from_config(cfg.teacher)
+    seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
     model = build_student(cfg, teacher)
+    val = val_set(cfg)
     if eval_only:
         load_weights(model, final_weights(out))
     else:
-        save_config(cfg, out / "config.yaml")
         instances, images = dataset_paths(cfg, "train")
-        probe = CocoDetection(instances, images)
-        data = CocoDetection(instances, images, category_ids=base_category_ids(probe))
-        if not data.categories:
-            raise ValueError(f"{instances}: no base categories to train on")
+        probe = CocoDetection(instances, images, on_error=cfg.data.on_error)
+        data = CocoDetection(instances, images, category_ids=base_category_ids(probe),
+                             with_masks=cfg.model.mask_head,
+                             on_error=cfg.data.on_error)
+        check_names(data, "base categories to train on")
+        if not any(data.anns):
+            raise DatasetError(f"{instances}: no annotations of the {len(data.names)} base "
+                               f"categories to train on")
         model.set_vocabulary(teacher.text(data.names))
         cache = open_cache(cfg, teacher, instances) if cfg.loss.vild_image > 0 else None
+        save_config(cfg, out / "config.yaml")
+        skipped = {"train": data.skipped, "val": val.skipped}
+        if data.skipped or val.skipped:
+            atomic_write(out / "skipped.json", json.dumps(skipped, indent=1) + "\n")
+            print(f"data.on_error=skip: left out {len(data.skipped)} train and "
+                  f"{len(val.skipped)} val records or images, listed in {out / 'skipped.json'}")
         criterion = build_criterion(**dataclasses.asdict(cfg.loss))
 
         def loss_fn(model, batch):
@@ -146,10 +180,10 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
             outputs = model([b["image"] for b in batch], [b["target"] for b in batch], distill)
             return criterion(outputs)
 
-        periodic = (lambda m: evaluate(cfg, m, teacher, None, False)) if cfg.train.eval_period else None
+        periodic = (lambda m: evaluate(cfg, m, teacher, None, False, val)) if cfg.train.eval_period else None
         train(model, loss_fn, DistillationSet(data, cache, distill_per_image=cfg.loss.distill_per_image), cfg.train, out, collate_fn=collate,
               evaluate=periodic, resume=resume, progress=progress)
-    metrics = evaluate(cfg, model, teacher, out / "eval", progress)
+    metrics = evaluate(cfg, model, teacher, out / "eval", progress, val)
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 

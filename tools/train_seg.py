@@ -1,7 +1,7 @@
 """Train (or only evaluate) a student segmenter; or score the teacher's own segmentation.
 
     python -m tools.train_seg --config configs/shapes/seg_distill.yaml [key=value ...]
-                              [--resume] [--eval-only] [--teacher-baseline]
+                              [--eval-only] [--teacher-baseline]
 
 Training classes are every class of the dataset; pixels of novel classes count as
 unlabelled for the supervised loss (``seg.supervised``). The teacher's dense
@@ -11,7 +11,8 @@ included, for ``seg.pixel_distill`` (L1/cosine to them) and ``seg.pseudo_label``
 Evaluation: mIoU over the val split with every class name in the vocabulary
 (base, novel, harmonic mean), written to ``output_dir/eval`` with a per-class plot
 and overlays of the first predictions. ``--teacher-baseline`` scores the teacher
-alone (dense embeddings vs. text, upsampled) into ``output_dir/eval``.
+alone (dense embeddings vs. text, upsampled) into ``output_dir/eval``. Rerunning the
+same command resumes from the last checkpoint, as tools/train.py does.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ExperimentConfig, atomic_write, save_config
+from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
 from distill.data.semantic import SemanticDataset, ade20k, collate_semantic, synthetic_semantic
-from distill.engine import final_weights, load_weights, train
+from distill.engine import final_weights, load_weights, seed_all, train
 from distill.evaluation.sem_seg import SemSegEvaluator, overlay
 from distill.losses import DEFAULT_WEIGHTS, Criterion
 from distill.teacher import Teacher
+from distill.teacher.dense import refine_logits
 from segmentors import PixelEmbeddingSegmenter, build_segmenter
 from segmentors.inference import random_resize_crop, segment_logits
 from tools import cli
@@ -37,7 +39,6 @@ OVERLAYS = 6  # val images drawn with their predictions
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.config_parser(__doc__.splitlines()[0], "configs/shapes/seg_distill.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the final weights")
     parser.add_argument("--teacher-baseline", action="store_true",
                         help="score the teacher's own dense segmentation instead")
@@ -46,9 +47,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
-    """(train, val): ADE20k under ``seg.data_root``, else the synthetic world."""
-    if cfg.seg.data_root:
-        return ade20k(cfg.seg.data_root, "training"), ade20k(cfg.seg.data_root, "validation")
+    """(train, val): ADE20k under ``seg.data_root`` (or the datasets root with
+    ``data.benchmark: ade20k``), else the synthetic world."""
+    root = cfg.seg.data_root
+    if root is None and cfg.data.benchmark is not None:
+        from distill.data.roots import ade20k_root
+
+        if cfg.data.benchmark != "ade20k":
+            raise ConfigError(f"data.benchmark: {cfg.data.benchmark!r} is a detection benchmark;"
+                              " segmenters train on 'ade20k'")
+        root = ade20k_root()
+    if root:
+        return ade20k(root, "training"), ade20k(root, "validation")
     from distill.data.synthetic import generate_world
 
     world = generate_world(cfg.world, progress=False)
@@ -58,7 +68,8 @@ def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
 def build_student(cfg: ExperimentConfig, teacher: Teacher) -> PixelEmbeddingSegmenter:
     s = cfg.seg
     return build_segmenter(s.name, embed_dim=teacher.embed_dim, fpn_channels=s.fpn_channels,
-                           norm=s.norm, temperature=s.temperature)
+                           norm=s.norm, temperature=s.temperature,
+                           backbone_weights=s.backbone_weights)
 
 
 def teacher_temperature(teacher: Teacher) -> float:
@@ -66,11 +77,17 @@ def teacher_temperature(teacher: Teacher) -> float:
     return 1.0 / float(teacher.model.logit_scale.exp())
 
 
-def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor
+def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor,
+                   key_smoothing: float = 0.0, prompt_denoising: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (B, 3, H, W) uint8 -> dense embeddings (B, D, h, w) and text logits (B, C, h, w)."""
+    """images (B, 3, H, W) uint8 -> dense embeddings (B, D, h, w) and text logits (B, C, h, w),
+    the logits refined by MaskCLIP's key smoothing / prompt denoising when those are > 0."""
     dense = teacher.dense(images)
-    return dense, torch.einsum("bdhw,cd->bchw", dense, text) / teacher_temperature(teacher)
+    logits = torch.einsum("bdhw,cd->bchw", dense, text) / teacher_temperature(teacher)
+    if key_smoothing > 0 or prompt_denoising > 0:
+        keys = teacher.dense(images, keys=True) if key_smoothing > 0 else None
+        logits = refine_logits(logits, keys, key_smoothing, prompt_denoising)
+    return dense, logits
 
 
 class TrainView(torch.utils.data.Dataset):
@@ -95,9 +112,10 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         progress: bool = True) -> dict[str, float]:
     """Train ``cfg`` (unless ``eval_only``), evaluate, write ``output_dir/eval``; returns metrics."""
     out = Path(cfg.output_dir)
+    train_set, val_set = datasets(cfg)  # missing data fails before the teacher loads
     teacher = Teacher.from_config(cfg.teacher)
+    seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
     model = build_student(cfg, teacher)
-    train_set, val_set = datasets(cfg)
     if eval_only:
         load_weights(model, final_weights(out))
     else:
@@ -116,7 +134,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
             outputs = model(batch["images"])
             outputs.update(seg_labels=batch["labels"], novel_ids=novel_ids)
             if online:
-                dense, logits = teacher_logits(teacher, batch["images"], text)
+                dense, logits = teacher_logits(teacher, batch["images"], text,
+                                               s.key_smoothing, s.prompt_denoising)
                 outputs.update(dense_targets=dense, teacher_pixel_logits=logits)
             return criterion(outputs)
 
@@ -133,12 +152,15 @@ def teacher_baseline(cfg: ExperimentConfig, progress: bool = True) -> dict[str, 
     """The teacher's zero-shot segmentation of the val split (MaskCLIP: dense embeddings vs.
     every class name, logits upsampled bilinearly to the image); into ``output_dir/eval``."""
     out = Path(cfg.output_dir)
+    _, val_set = datasets(cfg)  # missing data fails before the teacher loads
     save_config(cfg, out / "config.yaml")
     teacher = Teacher.from_config(cfg.teacher)
-    _, val_set = datasets(cfg)
     text = teacher.text(val_set.classes)
-    metrics = evaluate(lambda images: teacher_logits(teacher, images, text)[1], teacher,
-                       val_set, None, out / "eval", cfg.seg, progress=progress)
+    s = cfg.seg
+    metrics = evaluate(
+        lambda images: teacher_logits(teacher, images, text, s.key_smoothing,
+                                      s.prompt_denoising)[1],
+        teacher, val_set, None, out / "eval", s, progress=progress)
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -206,8 +228,9 @@ def _run(args) -> int:
     if args.teacher_baseline:
         metrics = teacher_baseline(cfg, progress=not args.no_progress)
     else:
-        metrics = run(cfg, resume=args.resume, eval_only=args.eval_only,
-                      progress=not args.no_progress)
+        if not args.eval_only:
+            cli.check_rerun(cfg)  # a rerun resumes from the last checkpoint
+        metrics = run(cfg, resume=True, eval_only=args.eval_only, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     print(f"results: {Path(cfg.output_dir) / 'eval'}")
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,22 +98,76 @@ def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(np.uint8)
 
 
+ON_ERROR = ("fail", "skip")  # data.on_error: what a bad image or annotation record does
+BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in converted files)
+
+
+def annotation_problem(a: dict, image: dict | None, categories: dict) -> str | None:
+    """Why annotation record ``a`` cannot be used, or None; ``image`` is its image record."""
+    if image is None:
+        return f"unknown image id {a['image_id']}"
+    if int(a["category_id"]) not in categories:
+        return f"unknown category id {a['category_id']}"
+    box = a["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+        return f"bbox {box} is not 4 finite numbers"
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return f"bbox {box} has zero or negative area"
+    width, height, t = image["width"], image["height"], BOX_TOLERANCE
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        return f"bbox {box} lies outside the {width}x{height} (WxH) image"
+    seg = a.get("segmentation")
+    if isinstance(seg, list) and any(len(poly) < 6 for poly in seg):
+        return "polygon with fewer than 3 points"
+    return None
+
+
+def image_problem(path: Path, image: dict) -> str | None:
+    """Why image file ``path`` cannot be used for record ``image``, or None. Reads the header
+    only: a file damaged past its header still fails when decoded."""
+    if not path.is_file():
+        return "file not found"
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"not a readable image ({' '.join(str(e).split())[:120]})"
+    if (h, w) != (int(image["height"]), int(image["width"])):
+        return f"is {h}x{w} (HxW) but the annotations say {image['height']}x{image['width']}"
+    return None
+
+
 class CocoDetection(Dataset):
     """A COCO-format instances file plus its image directory.
 
     ``category_ids`` restricts the categories to those ids, in that order (labels
     follow it); annotations of other categories are dropped, every image is kept.
     Crowd annotations (``iscrowd=1``) are not boxes: their xyxy boxes are in
-    ``crowd_boxes (M, 4)``. Boxes with zero width or height are dropped.
+    ``crowd_boxes (M, 4)``.
     ``ids``: image ids in file order; ``categories``: the category dicts (with a
-    ``split`` tag where the file has one, as the synthetic world's does).
+    ``split`` tag where the file has one, as the synthetic world's and the OV-COCO /
+    LVIS files of tools/make_ov_{coco,lvis}.py do). Images are ``image_dir / file_name``;
+    LVIS v1 records have none: ``image_dir`` is then the COCO root (see :meth:`image_path`).
+
+    Every annotation record is checked (:func:`annotation_problem`): ``on_error="fail"``
+    raises :class:`DatasetError` naming the first bad one; ``"skip"`` leaves bad records
+    out, and images whose file is missing, unreadable or of another size
+    (:func:`image_problem`), listing each in ``skipped`` (image_id, annotation_id or
+    file, reason).
     """
 
     def __init__(self, instances_json: str | os.PathLike, image_dir: str | os.PathLike,
-                 category_ids: Sequence[int] | None = None, with_masks: bool = False) -> None:
+                 category_ids: Sequence[int] | None = None, with_masks: bool = False,
+                 on_error: str = "fail") -> None:
         self.instances_json = Path(instances_json)
         self.image_dir = Path(image_dir)
         self.with_masks = with_masks
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error must be one of {', '.join(ON_ERROR)}, "
+                              f"got '{on_error}'")
+        self.skipped: list[dict] = []
         data = read_instances(self.instances_json)
         where = self.instances_json
         try:
@@ -126,44 +181,80 @@ class CocoDetection(Dataset):
             self.label_of: dict[int, int] = {int(c): i + 1 for i, c in enumerate(category_ids)}
             self.images: list[dict] = data["images"]
             self.ids: list[int] = [int(im["id"]) for im in self.images]
+            records = {image_id: im for image_id, im in zip(self.ids, self.images, strict=True)}
+            if len(records) != len(self.ids):
+                seen: set[int] = set()
+                twice = next(i for i in self.ids if i in seen or seen.add(i))
+                raise DatasetError(f"{where}: image id {twice} appears more than once")
+            if on_error == "skip":
+                self._skip_bad_images()
             self._index = {image_id: i for i, image_id in enumerate(self.ids)}
-            if len(self._index) != len(self.ids):
-                raise DatasetError(f"{where}: image ids repeat")
             self.anns: list[list[dict]] = [[] for _ in self.ids]
             for a in data["annotations"]:
-                if int(a["category_id"]) in self.label_of:
+                problem = annotation_problem(a, records.get(int(a["image_id"])), cats)
+                if problem and on_error == "fail":
+                    raise DatasetError(f"{where}: annotation {a.get('id')} (image "
+                                       f"{a['image_id']}): {problem}; data.on_error=skip "
+                                       f"leaves such records out")
+                if problem:
+                    self.skipped.append({"image_id": a["image_id"], "annotation_id": a.get("id"),
+                                         "reason": problem})
+                elif int(a["category_id"]) in self.label_of:
                     i = self._index.get(int(a["image_id"]))
-                    if i is None:
-                        raise DatasetError(f"{where}: annotation {a.get('id')} names unknown "
-                                           f"image {a['image_id']}")
-                    self.anns[i].append(a)
+                    if i is not None:  # None: the image was skipped
+                        self.anns[i].append(a)
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{where}: malformed COCO record (missing or bad field {e})") from None
+
+    def _skip_bad_images(self) -> None:
+        keep = []
+        for i, im in enumerate(self.images):
+            problem = image_problem(self.image_path(i), im)
+            if problem:
+                self.skipped.append({"image_id": self.ids[i], "file": str(self.image_path(i)),
+                                     "reason": problem})
+            else:
+                keep.append(i)
+        self.images = [self.images[i] for i in keep]
+        self.ids = [self.ids[i] for i in keep]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def names(self) -> list[str]:
-        """Category names in label order (label = index + 1)."""
-        return [c["name"] for c in self.categories]
+        """Category names in label order (label = index + 1), as the text encoder reads them:
+        LVIS's underscores as spaces ("aerosol_can" -> "aerosol can")."""
+        return [c["name"].replace("_", " ") for c in self.categories]
+
+    @property
+    def novel(self) -> list[bool]:
+        """Per category in label order: tagged ``"split": "novel"`` (OV files, synthetic
+        world), or, in an untagged LVIS file, a rare class (``"frequency": "r"``)."""
+        return [c.get("split") == "novel" or ("split" not in c and c.get("frequency") == "r")
+                for c in self.categories]
 
     def index(self, image_id: int) -> int:
         return self._index[image_id]
 
     def image_path(self, i: int) -> Path:
+        """``image_dir / file_name``; for records without ``file_name`` (LVIS v1),
+        ``image_dir / <folder>/<file>`` from ``coco_url`` (``.../val2017/000000397133.jpg``
+        -> ``val2017/000000397133.jpg``), so image_dir is the COCO root, as in detectron2."""
         info = self.images[i]
-        name = info.get("file_name") or info["coco_url"].rsplit("/", 1)[-1]  # LVIS v1: no file_name
-        return self.image_dir / name
+        if info.get("file_name"):
+            return self.image_dir / info["file_name"]
+        url = info.get("coco_url")
+        if not isinstance(url, str) or url.count("/") < 1:
+            raise DatasetError(f"{self.instances_json}: image {info.get('id')} has neither "
+                               "file_name nor a coco_url")
+        return self.image_dir.joinpath(*url.rsplit("/", 2)[-2:])
 
     def _kept(self, i: int) -> tuple[list[dict], list[dict]]:
         """(box annotations, crowd annotations) of image ``i``."""
         kept, crowd = [], []
         for a in self.anns[i]:
-            if a.get("iscrowd", 0):
-                crowd.append(a)
-            elif a["bbox"][2] > 0 and a["bbox"][3] > 0:
-                kept.append(a)
+            (crowd if a.get("iscrowd", 0) else kept).append(a)
         return kept, crowd
 
     def targets(self, i: int) -> dict[str, Any]:
@@ -214,9 +305,14 @@ def collate(batch: list[dict]) -> list[dict]:
 def dataset_paths(cfg: ExperimentConfig, split: str) -> tuple[Path, Path]:
     """(instances JSON, image dir) of ``split`` ("train" | "val"; synthetic also "train_all").
 
+    ``cfg.data.benchmark``'s files under the datasets root when set, else
     ``cfg.data.<split>_instances`` / ``_images`` when set; otherwise the synthetic
     world of ``cfg.world``, generated on first use.
     """
+    if cfg.data.benchmark is not None:
+        from distill.data.roots import detection_paths
+
+        return detection_paths(cfg.data.benchmark, split)
     if split in ("train", "val"):
         ann, img = getattr(cfg.data, f"{split}_instances"), getattr(cfg.data, f"{split}_images")
         if (ann is None) != (img is None):

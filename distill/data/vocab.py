@@ -32,7 +32,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "brown": (125, 75, 30), "gray": (128, 128, 128), "cyan": (30, 210, 220),
 }
 
-# COCO-OV (OVR-CNN split), names as in the COCO 2017 annotation files.
+# COCO-OV (OVR-CNN split), names as in the COCO 2017 annotation files; *_IDS are the COCO
+# category ids in the same order (tools/make_ov_coco.py checks both against the file).
 COCO_OV_NOVEL: tuple[str, ...] = (
     "airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard",
     "skateboard", "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors",
@@ -45,6 +46,10 @@ COCO_OV_BASE: tuple[str, ...] = (
     "apple", "sandwich", "orange", "broccoli", "carrot", "pizza", "donut", "chair", "bed",
     "toilet", "tv", "laptop", "mouse", "remote", "microwave", "oven", "toaster",
     "refrigerator", "book", "clock", "vase", "toothbrush",
+)
+COCO_OV_BASE_IDS: tuple[int, ...] = (
+    1, 2, 3, 4, 7, 8, 9, 15, 16, 19, 20, 23, 24, 25, 27, 31, 33, 34, 35, 38, 42, 44, 48, 50,
+    51, 52, 53, 54, 55, 56, 57, 59, 60, 62, 65, 70, 72, 73, 74, 75, 78, 79, 80, 82, 84, 85, 86, 90,
 )
 
 

@@ -1,7 +1,8 @@
 """Evaluation: COCO / COCO-OV and LVIS detection metrics; semantic-segmentation mIoU.
 
-``LVISEvaluator`` is imported on first use: ``import lvis`` pulls in cv2 and pyplot
-and configures the root logger.
+``LVISEvaluator`` (on faster-coco-eval) is imported on first use: its C++ extension
+and cv2 load only when LVIS is evaluated. The official ``lvis`` package serves as the
+reference in tests and bench/eval.py only (``distill.evaluation.reference``).
 """
 
 from __future__ import annotations

@@ -143,13 +143,17 @@ class DetectionCollector:
         score (full float precision), segmentation (RLE) when masks were given.
         Sorted by image (insertion order), then score descending (ties keep insertion
         order); capped to ``max_dets_per_image`` per image when set."""
+        return self._build_results(with_boxes=True, with_masks=True)
+
+    def _build_results(self, with_boxes: bool, with_masks: bool) -> list[dict]:
+        """:meth:`results` as fresh dicts, leaving out the boxes or the masks."""
         if not self._chunks:
             return []
         img = np.concatenate([np.full(len(ch[2]), ch[0], np.int64) for ch in self._chunks])
         boxes = np.concatenate([ch[1] for ch in self._chunks])
         scores = np.concatenate([ch[2] for ch in self._chunks])
         cats = np.concatenate([ch[3] for ch in self._chunks])
-        with_masks = any(ch[4] is not None for ch in self._chunks)
+        with_masks = with_masks and any(ch[4] is not None for ch in self._chunks)
         rles = [r for ch in self._chunks for r in (ch[4] or [None] * len(ch[2]))]
         rank = {i: k for k, i in enumerate(dict.fromkeys(img.tolist()))}  # first-seen order
         img_rank = np.array([rank[i] for i in img.tolist()], np.int64)
@@ -158,24 +162,28 @@ class DetectionCollector:
             sorted_rank = img_rank[order]
             start = np.searchsorted(sorted_rank, sorted_rank, side="left")
             order = order[np.arange(len(order)) - start < self.max_dets_per_image]
-        out = []
-        for i in order.tolist():
-            d = {"image_id": int(img[i]), "category_id": int(cats[i]),
-                 "bbox": boxes[i].tolist(), "score": float(scores[i])}
-            if with_masks and rles[i] is not None:
-                d["segmentation"] = rles[i]
-            out.append(d)
+        # whole-array tolist: the same Python ints / floats as per-element int() / float()
+        cols = img[order].tolist(), cats[order].tolist(), scores[order].tolist()
+        if with_boxes:
+            out = [{"image_id": i, "category_id": c, "bbox": b, "score": s}
+                   for i, c, s, b in zip(*cols, boxes[order].tolist(), strict=True)]
+        else:
+            out = [{"image_id": i, "category_id": c, "score": s}
+                   for i, c, s in zip(*cols, strict=True)]
+        if with_masks:
+            for d, i in zip(out, order.tolist(), strict=True):
+                if rles[i] is not None:
+                    d["segmentation"] = rles[i]
         return out
 
     def _quiet(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(io.StringIO())
 
     def _results_for(self, iou_type: str) -> list[dict]:
-        """Copies of :meth:`results` for one evaluation (the loaders mutate them). For
-        "segm" the boxes are dropped so that area ranges use mask areas (detectron2 does
-        the same); for "bbox" the masks are dropped."""
-        drop = "bbox" if iou_type == "segm" else "segmentation"
-        return [{k: v for k, v in d.items() if k != drop} for d in self.results()]
+        """:meth:`results` for one evaluation, as fresh dicts (the loaders mutate them). For
+        "segm" the boxes are left out so that area ranges use mask areas (detectron2 does
+        the same); for "bbox" the masks are left out."""
+        return self._build_results(with_boxes=iou_type != "segm", with_masks=iou_type == "segm")
 
     def _write_results(self, out_dir: str | Path, prefix: str) -> tuple[Path, dict, dict]:
         """Write ``<prefix>results.json`` and ``metrics.json``; returns (dir, metrics, paths)."""

@@ -453,14 +453,15 @@ class Teacher(nn.Module):
         return max(sy, round(height / sy) * sy), max(sx, round(width / sx) * sx)
 
     def dense(self, image: Tensor, size: int | tuple[int, int] | None = None,
-              mode: str | None = None) -> Tensor:
+              mode: str | None = None, keys: bool = False) -> Tensor:
         """MaskCLIP pixel embeddings: (3, H, W) -> (D, h, w), or (B, 3, H, W) -> (B, D, h, w).
 
         The image is resized (bilinear, antialiased) to ``size`` or to
         :meth:`dense_size` (its own resolution rounded to the stride; ViT positional
         embeddings are interpolated to the grid), run once through the tower with
         ``mode`` (default ``dense_mode``) and L2-normalised per location.
-        ``h, w = size / stride``.
+        ``h, w = size / stride``. ``keys``: the last attention's keys on the same grid
+        instead (not normalised), for MaskCLIP's key smoothing.
         """
         single = image.dim() == 3
         with torch.inference_mode():
@@ -472,8 +473,8 @@ class Teacher(nn.Module):
             if tuple(x.shape[-2:]) != target:
                 x = F.interpolate(x, size=target, mode="bilinear", align_corners=False,
                                   antialias=True)
-            feats = dense_features(self.model.visual, x, mode or self.dense_mode)
-            feats = F.normalize(feats.float(), dim=1)
+            feats = dense_features(self.model.visual, x, mode or self.dense_mode, keys)
+            feats = feats.float() if keys else F.normalize(feats.float(), dim=1)
         feats = feats.clone()
         return feats[0] if single else feats
 

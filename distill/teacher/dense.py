@@ -80,8 +80,21 @@ def _value_path(block: nn.Module, y: Tensor) -> Tensor:
     raise DenseUnsupported(f"unsupported attention module {type(attn).__name__}")
 
 
-def vit_dense(visual: VisionTransformer, x: Tensor, mode: str = "maskclip") -> Tensor:
-    """x (B, 3, H, W) normalised, H and W multiples of the patch size -> (B, D, H/p, W/p)."""
+def _keys(block: nn.Module, y: Tensor) -> Tensor:
+    """Attention keys of ``block`` for the normalised tokens ``y``: ``(B, L, C)``."""
+    attn = block.attn
+    weight = getattr(attn, "in_proj_weight", None)
+    if weight is None:
+        raise DenseUnsupported("key smoothing needs packed q/k/v in_proj weights")
+    c = weight.shape[1]
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[c:2 * c]
+    return F.linear(y, weight[c:2 * c], bias)
+
+
+def vit_dense(visual: VisionTransformer, x: Tensor, mode: str = "maskclip",
+              keys: bool = False) -> Tensor:
+    """x (B, 3, H, W) normalised, H and W multiples of the patch size -> (B, D, H/p, W/p);
+    ``keys``: the last block's attention keys (B, C, H/p, W/p) instead."""
     if mode not in DENSE_MODES:
         raise ConfigError(f"dense_mode must be one of {DENSE_MODES}, got '{mode}'")
     if visual.attn_pool is not None or visual.proj is None:
@@ -103,6 +116,8 @@ def vit_dense(visual: VisionTransformer, x: Tensor, mode: str = "maskclip") -> T
     if not batch_first:
         t = t.transpose(0, 1)
     last = blocks[-1]
+    if keys:
+        return _keys(last, last.ln_1(t))[:, 1:].transpose(1, 2).reshape(b, -1, *grid)
     out = _value_path(last, last.ln_1(t))
     if mode == "maskclip":
         t = t + last.ls_1(out)
@@ -113,22 +128,63 @@ def vit_dense(visual: VisionTransformer, x: Tensor, mode: str = "maskclip") -> T
     return t[:, 1:].transpose(1, 2).reshape(b, -1, *grid)
 
 
-def resnet_dense(visual: ModifiedResNet, x: Tensor) -> Tensor:
-    """x (B, 3, H, W) normalised, H and W multiples of 32 -> (B, D, H/32, W/32)."""
+def resnet_dense(visual: ModifiedResNet, x: Tensor, keys: bool = False) -> Tensor:
+    """x (B, 3, H, W) normalised, H and W multiples of 32 -> (B, D, H/32, W/32); ``keys``:
+    the attention pool's keys (B, C, H/32, W/32) instead (its positional embedding left out,
+    as it is sized for the pretraining grid)."""
     t = visual.stem(x.to(visual.conv1.weight.dtype))
     t = visual.layer4(visual.layer3(visual.layer2(visual.layer1(t))))
     pool = visual.attnpool
+    if keys:
+        return F.conv2d(t, pool.k_proj.weight[:, :, None, None], pool.k_proj.bias)
     t = F.conv2d(t, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
     return F.conv2d(t, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
 
 
-def dense_features(visual: nn.Module, x: Tensor, mode: str = "maskclip") -> Tensor:
-    """Dispatch on the tower type: x (B, 3, H, W) normalised -> (B, D, h, w), not normalised."""
+def dense_features(visual: nn.Module, x: Tensor, mode: str = "maskclip",
+                   keys: bool = False) -> Tensor:
+    """Dispatch on the tower type: x (B, 3, H, W) normalised -> (B, D, h, w), not normalised
+    (``keys``: the last attention's keys (B, C, h, w), for MaskCLIP's key smoothing)."""
     if mode not in DENSE_MODES:
         raise ConfigError(f"dense_mode must be one of {DENSE_MODES}, got '{mode}'")
     if isinstance(visual, VisionTransformer):
-        return vit_dense(visual, x, mode)
+        return vit_dense(visual, x, mode, keys)
     if isinstance(visual, ModifiedResNet):
-        return resnet_dense(visual, x)
+        return resnet_dense(visual, x, keys)
     dense_stride(visual)  # raises DenseUnsupported
     raise AssertionError
+
+
+def refine_logits(logits: Tensor, keys: Tensor | None = None, key_smoothing: float = 0.0,
+                  prompt_denoising: float = 0.0) -> Tensor:
+    """MaskCLIP's two training-free refinements of dense text logits (B, C, h, w).
+
+    Prompt denoising (threshold ``prompt_denoising``, MaskCLIP 0.5): a class whose
+    softmax confidence stays below the threshold at every location of an image is
+    taken as absent there and its logits set to -1e4 (the image's most confident
+    class is always kept). Key smoothing (threshold ``key_smoothing``, MaskCLIP 1.0):
+    at every location whose top softmax confidence is below the threshold, the class
+    probabilities are replaced by their sum over all locations weighted by the cosine
+    similarity of the last attention's ``keys`` (B, K, h, w), negative weights clipped
+    to 0, renormalised over classes. Returns log-probabilities where smoothing applied
+    (argmax and softmax are what callers use), the logits elsewhere; 0 disables a step.
+    """
+    out = logits.float().clone()
+    b, c = out.shape[:2]
+    if prompt_denoising > 0:
+        conf = out.softmax(1).flatten(2).amax(-1)  # (B, C): best confidence over locations
+        absent = conf < prompt_denoising
+        absent[torch.arange(b), conf.argmax(1)] = False
+        out[absent] = -1e4
+    if key_smoothing > 0:
+        if keys is None or keys.shape[0] != b or keys.shape[-2:] != out.shape[-2:]:
+            raise ValueError("key smoothing needs keys (B, K, h, w) on the logits' grid")
+        prob = out.softmax(1).flatten(2)  # (B, C, N)
+        k = F.normalize(keys.float().flatten(2), dim=1)  # (B, K, N)
+        weight = (k.transpose(1, 2) @ k).clamp_min(0)  # (B, N, N) cosine similarity
+        smoothed = prob @ weight.transpose(1, 2)  # (B, C, N): sum_j w_ij p_cj
+        smoothed = smoothed / smoothed.sum(1, keepdim=True).clamp_min(1e-12)
+        unsure = (prob.amax(1, keepdim=True) < key_smoothing).expand_as(prob)
+        prob = torch.where(unsure, smoothed, prob)
+        out = torch.where(unsure, prob.clamp_min(1e-12).log(), out.flatten(2)).view_as(out)
+    return out

@@ -1,0 +1,141 @@
+"""Per-image costs of the real-benchmark configs (FLOPs counted, CPU seconds timed, cache bytes).
+
+    python bench/costs.py [--crops 32] [--reps 1] [--threads N] [--json costs.json]
+
+For docs/reproduce.md's time and disk estimates. Models are the configs' own (open_clip
+ViT-B/32 and ViT-B/16 teachers, ViLD R50-FPN at 1024 px, R50-FPN segmenter on 512 crops)
+with random weights (the cost does not depend on them; nothing is downloaded). FLOPs come
+from ``torch.utils.flop_counter`` (matmuls and convolutions; RoIAlign and NMS are not
+counted), seconds from ``--reps`` timed runs on this machine's CPU; teacher costs are
+measured on ``--crops`` crops / one window and scaled to a whole image (per-crop cost is
+constant). Rows, per image of the benchmark:
+
+- extract: ViT-B/32 on 300 proposals x 2 crops (1x, 1.5x) at 224 px (ViLD's recipe);
+- train: one ViLD R50-FPN step (forward + backward, 300 cached embeddings) at 1024 px;
+- infer: ViLD R50-FPN inference at 1024 px (300 proposals);
+- ade teacher: ViT-B/16 dense passes over the sliding 512-px windows (stride 341) of a
+  512 x 683 image (ADE20k's typical 4:3 at short side 512: 2 windows), key smoothing off;
+- ade train: one R50-FPN segmenter step on a 512 crop + the teacher's dense pass on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from detectors import build_detector  # noqa: E402
+from distill.losses import Criterion  # noqa: E402
+from distill.teacher import build_teacher  # noqa: E402
+from segmentors import build_segmenter  # noqa: E402
+from segmentors.inference import _starts  # noqa: E402
+
+PROPOSALS = 300
+EMBED_BYTES = 512 * 2  # float16 embedding of a ViT-B teacher
+BOX_BYTES = 4 * 4 + 4  # float32 xyxy + score
+
+
+def measure(fn, reps: int) -> tuple[float, float]:
+    """(FLOPs of one call, median seconds over ``reps`` calls after the counted one)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(counter.get_total_flops()), sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--crops", type=int, default=32, help="teacher crops timed (scaled to 600)")
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    rows = {}
+
+    b32 = build_teacher("ViT-B-32", pretrained=None)
+    image = torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8)
+    xy = torch.rand(a.crops // 2, 2) * 400
+    boxes = torch.cat([xy, xy + 32 + torch.rand(a.crops // 2, 2) * 200], 1)
+    flops, sec = measure(lambda: b32.regions(image, boxes), a.reps)
+    scale = 2 * PROPOSALS / a.crops  # crops per image / crops measured
+    rows["extract (ViT-B/32, 600 crops)"] = (flops * scale, sec * scale)
+
+    dim = b32.embed_dim
+    det = build_detector("vild_r50_fpn", embed_dim=dim, image_size=1024, hidden=1024,
+                         box_batch_size_per_image=512)
+    det.set_vocabulary(F.normalize(torch.randn(48, dim), dim=-1))
+    big = torch.randint(0, 256, (3, 768, 1024), dtype=torch.uint8)
+    target = {"boxes": torch.tensor([[100.0, 100, 300, 400], [500, 200, 700, 600]]),
+              "labels": torch.tensor([1, 2])}
+    pxy = torch.rand(PROPOSALS, 2) * 800
+    distill = {"boxes": torch.cat([pxy, pxy + 16 + torch.rand(PROPOSALS, 2) * 200], 1),
+               "embeddings": F.normalize(torch.randn(PROPOSALS, dim), dim=-1)}
+    criterion = Criterion({"vild_text": 1.0, "box_reg": 1.0, "vild_image": 0.5,
+                           "objectness": 1.0, "rpn_box_reg": 1.0})
+
+    def step():
+        det.train()
+        loss = sum(criterion(det([big], [target], [distill])).values())
+        loss.backward()
+        det.zero_grad(set_to_none=True)
+
+    rows["train (ViLD R50-FPN step, 1024 px)"] = measure(step, a.reps)
+
+    def infer():
+        det.eval()
+        with torch.no_grad():
+            det([big])
+
+    rows["infer (ViLD R50-FPN, 1024 px)"] = measure(infer, a.reps)
+
+    b16 = build_teacher("ViT-B-16", pretrained=None)
+    window = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8)
+    flops, sec = measure(lambda: b16.dense(window), a.reps)
+    windows = len(_starts(512, 512, 341)) * len(_starts(683, 512, 341))
+    rows[f"ade teacher (ViT-B/16, {windows} windows)"] = (flops * windows, sec * windows)
+
+    seg = build_segmenter("seg_r50_fpn", embed_dim=b16.embed_dim, fpn_channels=256)
+    seg.set_vocabulary(F.normalize(torch.randn(150, b16.embed_dim), dim=-1))
+
+    def seg_step():
+        seg.train()
+        out = seg(window)
+        dense = b16.dense(window)
+        target = F.interpolate(dense, size=out["pixel_embeddings"].shape[-2:], mode="bilinear")
+        (out["pixel_embeddings"] - target).abs().mean().backward()
+        seg.zero_grad(set_to_none=True)
+
+    rows["ade train (R50-FPN step + teacher, 512 crop)"] = measure(seg_step, a.reps)
+
+    cache = PROPOSALS * (EMBED_BYTES + BOX_BYTES)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs; per image of the benchmark:\n")
+    print("| work | GFLOPs | CPU s |")
+    print("|---|---:|---:|")
+    for name, (flops, sec) in rows.items():
+        print(f"| {name} | {flops / 1e9:.0f} | {sec:.2f} |")
+    print(f"\ncache per image: {PROPOSALS} x ({EMBED_BYTES} + {BOX_BYTES}) B = {cache / 1e3:.0f} kB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(
+            {"per_image": {k: {"flops": f, "cpu_seconds": s} for k, (f, s) in rows.items()},
+             "cache_bytes_per_image": cache, "threads": torch.get_num_threads()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""configs/coco_ov, configs/lvis and configs/ade20k: each loaded and run for one iteration on
+a fake datasets tree in the real layout ($OVD_DATASETS), with the fixture annotations and
+generated pixels. Only the teacher (a tiny random open_clip ViT instead of ViT-B), the
+device (CPU) and the sizes are overridden; the steps are docs/reproduce.md's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distill.config import load_config
+from tools import extract, make_ov_coco, make_ov_lvis, proposals, train, train_seg
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
+
+TINY = [f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
+        "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.device=cpu",
+        "teacher.templates=simple", "train.device=cpu"]
+ONE_STEP = ["train.max_iters=1", "train.batch_size=1", "train.checkpoint_period=1",
+            "train.schedule.warmup_iters=0", "train.schedule.steps=[]"]
+DETECTOR = ["model.image_size=128", "model.fpn_channels=32", "model.hidden=64",
+            "model.box_batch_size_per_image=32", "model.rpn_post_nms_top_n_test=20",
+            "cache.num_proposals=20"]
+
+
+def _image(path: Path, width: int, height: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+
+
+def _subset(instances: dict, keep: int) -> dict:
+    images = instances["images"][:keep]
+    ids = {im["id"] for im in images}
+    return {**instances, "images": images,
+            "annotations": [a for a in instances["annotations"] if a["image_id"] in ids]}
+
+
+@pytest.fixture
+def datasets(tmp_path, monkeypatch) -> Path:
+    """$OVD_DATASETS with coco/ (official-format 2017 files from the COCO fixture), lvis/
+    (LVIS v1-style files from the LVIS fixture: no file_name, images by coco_url) and
+    ADEChallengeData2016/ (random label maps), images generated at the annotated sizes."""
+    root = tmp_path / "datasets"
+    monkeypatch.setenv("OVD_DATASETS", str(root))
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    coco = json.loads((FIXTURES / "coco_instances_val2014_100.json").read_text())
+    for split, (start, n) in {"train": (0, 4), "val": (4, 3)}.items():
+        sub = _subset({**coco, "images": coco["images"][start:]}, n)
+        for k, im in enumerate(sub["images"]):
+            _image(root / f"coco/{split}2017" / im["file_name"], im["width"], im["height"], k)
+        path = root / f"coco/annotations/instances_{split}2017.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(sub))
+    lvis = json.loads((FIXTURES / "lvis_v0.5_val_100.json").read_text())
+    for split, (start, n) in {"train": (0, 3), "val": (3, 3)}.items():
+        sub = _subset({**lvis, "images": lvis["images"][start:]}, n)
+        for k, im in enumerate(sub["images"]):
+            im.pop("file_name", None)  # LVIS v1: the image is named by its coco_url
+            folder, name = im["coco_url"].rsplit("/", 2)[-2:]
+            _image(root / "coco" / folder / name, im["width"], im["height"], 10 + k)
+        (root / "lvis").mkdir(exist_ok=True)
+        (root / f"lvis/lvis_v1_{split}.json").write_text(json.dumps(sub))
+    ade = root / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    for split in ("training", "validation"):
+        for k in range(2):
+            h, w = 96 + 16 * k, 128
+            _image(ade / "images" / split / f"ADE_{split}_{k:08d}.jpg", w, h, 20 + k)
+            label = ade / "annotations" / split / f"ADE_{split}_{k:08d}.png"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(label)
+    return root
+
+
+def _cfg(path: str, tmp_path: Path, *extra: str):
+    return load_config(REPO / path, [*TINY, *ONE_STEP, *extra])
+
+
+def _detector_steps(bench: str, tmp_path: Path) -> dict[str, dict]:
+    """docs/reproduce.md's steps for one benchmark, one iteration each."""
+    out = tmp_path / "outputs" / bench
+    common = [*DETECTOR, f"cache.root={tmp_path / 'cache'}",
+              f"cache.proposals={out / 'vild_text' / 'proposals_train.safetensors'}"]
+    text = _cfg(f"configs/{bench}/vild_text.yaml", tmp_path, *common,
+                f"output_dir={out / 'vild_text'}")
+    metrics = {"vild_text": train.run(text, progress=False)}
+    proposals.write(text, "train", progress=False)
+    assert extract.main(["--config", str(REPO / f"configs/{bench}/extract.yaml"), *TINY, *common,
+                         f"output_dir={out / 'extract'}", "--no-progress"]) == 0
+    for name in ("vild", "vild_ensemble"):
+        cfg = _cfg(f"configs/{bench}/{name}.yaml", tmp_path, *common, f"output_dir={out / name}")
+        metrics[name] = train.run(cfg, progress=False)
+        assert (out / name / "model_final.safetensors").is_file()
+    return metrics
+
+
+def test_coco_ov_configs_one_iteration_each(datasets, tmp_path, capsys):
+    assert make_ov_coco.main([]) == 0  # default paths under $OVD_DATASETS
+    assert "65 categories" in capsys.readouterr().out
+    cfg = load_config(REPO / "configs/coco_ov/vild.yaml")
+    assert (cfg.model.name, cfg.teacher.model, cfg.model.temperature) == (
+        "vild_r50_fpn", "ViT-B-32", 0.01)
+    assert cfg.train.optim.lr == pytest.approx(0.32 * 16 / 256)
+    assert cfg.train.max_iters == 180000 * 256 // 16
+    metrics = _detector_steps("coco_ov", tmp_path)
+    for m in metrics.values():
+        assert {"AP50_novel", "AP50_base", "AP50_all"} <= set(m)
+        assert all(0.0 <= m[k] <= 1.0 or m[k] == -1.0 for k in ("AP50_novel", "AP50_base"))
+
+
+def test_lvis_configs_one_iteration_each(datasets, tmp_path):
+    assert make_ov_lvis.main([]) == 0
+    cfg = load_config(REPO / "configs/lvis/vild.yaml")
+    assert cfg.model.box_detections_per_img == 300
+    metrics = _detector_steps("lvis", tmp_path)
+    for m in metrics.values():
+        assert {"AP", "APr", "APc", "APf"} <= set(m)
+    ev = json.loads((tmp_path / "outputs/lvis/vild/eval/metrics.json").read_text())
+    assert "APr" in ev["bbox"]
+
+
+@pytest.mark.parametrize("name", ["maskclip_plus", "teacher"])
+def test_ade20k_configs_one_iteration_each(datasets, tmp_path, name):
+    cfg = _cfg(f"configs/ade20k/{name}.yaml", tmp_path, f"output_dir={tmp_path / name}",
+               "seg.name=seg_r10_fpn", "seg.fpn_channels=32", "seg.short_side=64",
+               "seg.crop_size=64", "seg.window=64", "seg.stride=48")
+    assert (cfg.seg.key_smoothing, cfg.seg.prompt_denoising) == (1.0, 0.5)
+    if name == "teacher":
+        metrics = train_seg.teacher_baseline(cfg, progress=False)
+    else:
+        metrics = train_seg.run(cfg, progress=False)
+        assert (tmp_path / name / "model_final.safetensors").is_file()
+    assert 0.0 <= metrics["mIoU"] <= 1.0
+    assert (tmp_path / name / "eval" / "metrics.json").is_file()
+
+
+def test_missing_dataset_root_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path / "nowhere"))
+    rc = train.main(["--config", str(REPO / "configs/coco_ov/vild_text.yaml"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert str(tmp_path / "nowhere" / "coco") in err and "make_ov_coco" in err
+    rc = train_seg.main(["--config", str(REPO / "configs/ade20k/teacher.yaml"), *TINY,
+                         "--teacher-baseline"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert str(tmp_path / "nowhere" / "ADEChallengeData2016") in err and "validation" in err
