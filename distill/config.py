@@ -156,6 +156,10 @@ class SegmenterConfig:
     supervised: float = 1.0  # cross-entropy on base-class pixels (novel ones unlabelled)
     pixel_distill: float = 0.0  # L1 (or cosine) to the teacher's dense embeddings
     pixel_distill_mode: str = "l1"  # l1 | cosine
+    # teacher dense maps for pixel_distill / pseudo_label: computed from each batch
+    # (online) or read from cache.root/cache.name, written by tools/extract.py with
+    # cache.store_dense=true (cache: embedded world only, whole images, no key smoothing)
+    dense_source: str = "online"  # online | cache
     pseudo_label: float = 0.0  # cross-entropy on the teacher's dense argmax over all names
     pseudo_label_threshold: float | None = None  # ignore pixels the teacher is less sure of
     # views (segmentors/inference.py); ADE20k as mmsegmentation: 512, 512, 0.5-2, 512 / 341

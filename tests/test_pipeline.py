@@ -15,18 +15,21 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert pipeline.main(args) == 0
     out = capsys.readouterr().out
     assert "synthetic world" in out and "generated" in out and "zero-shot top-1" in out
-    assert "| ViLD-text |" in out and "| ViLD |" in out
+    assert "| ViLD-text |" in out and "| ViLD |" in out and "| pixel-distilled student |" in out
     summary = json.loads((tmp_path / "out/pipeline.json").read_text())
     assert set(summary["students"]) == {"vild_text", "vild"}
+    assert 0 <= summary["segmenter"]["mIoU_novel"] <= 1
     assert 0 <= summary["teacher"]["zero_shot"]["top1_novel"] <= 1
     assert (tmp_path / "out/config.yaml").is_file()
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
-    assert stages == ["vild", "vild_text"]
+    assert stages == ["seg", "vild", "vild_text"]
+    assert [p.name.split("-")[0] for p in (tmp_path / "out/seg").iterdir()] == ["seg_distill"]
     proposals = list((tmp_path / "out").glob("vild_text-*/proposals_train.safetensors"))
     assert len(proposals) == 1
     assert pipeline.main(args) == 0  # second run: every stage reused
     out = capsys.readouterr().out
     assert "reused from cache" in out and "vild_text: reusing" in out and "vild: reusing" in out
+    assert "seg_distill: reusing" in out
     assert "extracted 0 images" in out
 
 

@@ -174,3 +174,42 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) == pixels.shape[0]
+
+
+def test_pixel_targets_from_the_dense_cache_equal_the_online_ones(tiny_world, monkeypatch):
+    """seg.dense_source=cache reads the maps tools/extract.py stored (cache.store_dense=true):
+    the same first-step losses as computing them online, up to float16 storage."""
+    from tools import extract
+
+    common = [f"world.root={tiny_world / 'world'}", *TINY, f"cache.root={tiny_world / 'cache'}",
+              "cache.name=dense", "cache.proposals=gt", "seg.pseudo_label=1.0"]
+    assert extract.main(["--config", str(REPO / "configs/shapes/extract.yaml"), "--no-progress",
+                         *common, "cache.store_dense=true"]) == 0
+    first = {}
+    for source in ("online", "cache"):
+        if source == "cache":  # the teacher's image tower must not run
+            from distill.teacher import Teacher
+
+            monkeypatch.setattr(Teacher, "dense", lambda *a, **k: pytest.fail("tower ran"))
+        out = tiny_world / f"dense_{source}"
+        cfg = load_config(REPO / "configs/shapes/seg_distill.yaml",
+                          [*common, f"output_dir={out}", f"seg.dense_source={source}",
+                           "train.max_iters=1"])
+        train_seg.run(cfg, progress=False)
+        first[source] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    c, o = first["cache"], first["online"]
+    assert c["loss_supervised_seg"] == o["loss_supervised_seg"]  # the same batches and flips
+    assert c["loss_pixel_distill"] == pytest.approx(o["loss_pixel_distill"], rel=2e-3)
+    # a random teacher's class logits are near ties: float16 storage flips a few argmaxes
+    assert c["loss_pseudo_label"] == pytest.approx(o["loss_pseudo_label"], rel=5e-2)
+    # a cache without dense maps, or settings the cache cannot serve: one clear error
+    bad = load_config(REPO / "configs/shapes/seg_distill.yaml",
+                      [*common, "cache.name=missing", "seg.dense_source=cache",
+                       f"output_dir={tiny_world / 'dense_bad'}"])
+    with pytest.raises(FileNotFoundError, match="no embedding cache at .*missing"):
+        train_seg.run(bad, progress=False)
+    crop = load_config(REPO / "configs/shapes/seg_distill.yaml",
+                       [*common, "seg.dense_source=cache", "seg.crop_size=64",
+                        f"output_dir={tiny_world / 'dense_crop'}"])
+    with pytest.raises(ValueError, match="seg.crop_size=0"):
+        train_seg.run(crop, progress=False)

@@ -13,7 +13,10 @@ Stages, each cached on disk and reused by the next run:
 5. extraction: teacher embeddings (1x + 1.5x crops) of the top 32 of them (ViLD
    embeds 300; 32 keeps this stage near 2.5 minutes on 2 CPU cores);
 6. ViLD: a student trained with ViLD-text + ViLD-image distillation from the cache;
-7. the result table (box AP50 on novel, base and all classes, generalized setting).
+7. the pixel-distilled student segmenter (``configs/shapes/seg_distill.yaml``, the
+   segmentation ablation's stage, in ``output_dir/seg``);
+8. the result tables (box AP50 on novel, base and all classes, generalized setting;
+   mIoU on base, novel and all classes).
 
 Student stages live in ``output_dir/<stage>-<hash of its resolved config>``, so
 changing a setting retrains that stage and what follows, and nothing else.
@@ -220,8 +223,20 @@ def _run(args) -> int:
     summary["students"] = run_world(list(args.overrides), out, progress, ["vild_text", "vild"])
     table = _table(summary["students"])
     summary["table"] = table
+
+    # the pixel-distilled student segmenter (tools/seg_ablation.py's stage, shared with it)
+    from tools import seg_ablation
+
+    seg = seg_ablation.stage("seg_distill", list(args.overrides), out / "seg", progress)
+    summary["segmenter"] = seg
+    summary["seg_table"] = seg_table = (
+        "| method | base mIoU | novel mIoU | all mIoU | images/s |\n|---|---:|---:|---:|---:|\n"
+        f"| pixel-distilled student | {100 * seg['mIoU_base']:.1f} | "
+        f"{100 * seg['mIoU_novel']:.1f} | {100 * seg['mIoU']:.1f} | {seg['images_per_s']:.1f} |")
     print("\nbox AP on the val split, generalized setting (all classes in the vocabulary):")
     print(table)
+    print("\nsegmentation mIoU on the val split (every object and stuff class named):")
+    print(seg_table)
 
     atomic_write(out / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     print(f"results: {out / 'pipeline.json'}")

@@ -83,7 +83,7 @@ def open_cache(cfg: ExperimentConfig, teacher: Teacher, instances: Path) -> Embe
     path = Path(cfg.cache.root) / cfg.cache.name
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"no embedding cache at {path}: run tools/extract.py with this "
-                                "config first (or set loss.vild_image=0)")
+                                "config first (cache.store_dense=true for segmenters)")
     cache = EmbeddingCache.open(path, dataset_id=dataset_id(instances))
     if not cache.fingerprint.startswith(teacher.fingerprint):
         raise ValueError(f"cache {path} was written by another teacher ({cache.fingerprint[:16]}"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
+from distill.data.coco import dataset_paths, read_instances
 from distill.data.semantic import SemanticDataset, ade20k, collate_semantic, synthetic_semantic
 from distill.engine import final_weights, load_weights, seed_all, train
 from distill.evaluation.sem_seg import SemSegEvaluator, overlay
@@ -78,11 +79,13 @@ def teacher_temperature(teacher: Teacher) -> float:
 
 
 def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor,
-                   key_smoothing: float = 0.0, prompt_denoising: float = 0.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   key_smoothing: float = 0.0, prompt_denoising: float = 0.0,
+                   dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """images (B, 3, H, W) uint8 -> dense embeddings (B, D, h, w) and text logits (B, C, h, w),
-    the logits refined by MaskCLIP's key smoothing / prompt denoising when those are > 0."""
-    dense = teacher.dense(images)
+    the logits refined by MaskCLIP's key smoothing / prompt denoising when those are > 0.
+    ``dense``: the embeddings already at hand (the cache); the tower then does not run."""
+    if dense is None:
+        dense = teacher.dense(images)
     logits = torch.einsum("bdhw,cd->bchw", dense, text) / teacher_temperature(teacher)
     if key_smoothing > 0 or prompt_denoising > 0:
         keys = teacher.dense(images, keys=True) if key_smoothing > 0 else None
@@ -90,12 +93,42 @@ def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor,
     return dense, logits
 
 
+def dense_cache(cfg: ExperimentConfig, teacher: Teacher):
+    """``file name -> (D, h, w)`` teacher dense map of a training image, from the cache
+    ``cache.root/cache.name`` (``seg.dense_source: cache``)."""
+    from tools.train import open_cache
+
+    s = cfg.seg
+    if s.data_root or cfg.data.benchmark:
+        raise ConfigError("seg.dense_source=cache: only the embedded world's images are cached "
+                          "(tools/extract.py reads COCO-style files); use seg.dense_source=online")
+    if s.short_side or s.crop_size or s.scale_range != [1.0, 1.0]:
+        raise ConfigError("seg.dense_source=cache holds whole-image maps: set seg.short_side=0, "
+                          "seg.crop_size=0 and seg.scale_range=[1.0,1.0]")
+    if s.key_smoothing > 0:
+        raise ConfigError("seg.key_smoothing needs the teacher's attention keys, which the cache "
+                          "does not hold: use seg.dense_source=online")
+    instances, _ = dataset_paths(cfg, "train")
+    cache = open_cache(cfg, teacher, instances)
+    ids = {Path(im["file_name"]).name: int(im["id"]) for im in read_instances(instances)["images"]}
+
+    def dense_of(file_name: str) -> torch.Tensor:
+        rec = cache.get(ids[Path(file_name).name])
+        if rec["dense"] is None:
+            raise ValueError(f"cache {cache.path} holds no dense maps: extract with "
+                             "cache.store_dense=true")
+        return torch.from_numpy(rec["dense"])
+
+    return dense_of
+
+
 class TrainView(torch.utils.data.Dataset):
     """Training samples: ``seg``'s random resize and crop (segmentors/inference.py), then a
-    left-right flip with p=0.5; the global torch RNG draws them (the engine checkpoints it)."""
+    left-right flip with p=0.5 (of the cached teacher map too, with ``dense_of``); the global
+    torch RNG draws them (the engine checkpoints it)."""
 
-    def __init__(self, data: SemanticDataset, seg):
-        self.data, self.seg = data, seg
+    def __init__(self, data: SemanticDataset, seg, dense_of=None):
+        self.data, self.seg, self.dense_of = data, seg, dense_of
 
     def __len__(self):
         return len(self.data)
@@ -103,8 +136,10 @@ class TrainView(torch.utils.data.Dataset):
     def __getitem__(self, i):
         s = random_resize_crop(self.data[i], self.seg.short_side, self.seg.crop_size,
                                self.seg.scale_range)
+        if self.dense_of is not None:
+            s["dense"] = self.dense_of(s["file_name"])
         if torch.rand(()) < 0.5:
-            s = {**s, "image": s["image"].flip(-1), "labels": s["labels"].flip(-1)}
+            s = {**s, **{k: s[k].flip(-1) for k in ("image", "labels", "dense") if k in s}}
         return s
 
 
@@ -127,19 +162,25 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
                    "pixel_distill": s.pixel_distill, "pseudo_label": s.pseudo_label}
         criterion = Criterion(weights, pixel_distill_mode=s.pixel_distill_mode,
                               pseudo_label_threshold=s.pseudo_label_threshold)
-        online = s.pixel_distill > 0 or s.pseudo_label > 0
+        if s.dense_source not in ("online", "cache"):
+            raise ConfigError(f"seg.dense_source must be online or cache, got {s.dense_source!r}")
+        needs_teacher = s.pixel_distill > 0 or s.pseudo_label > 0
+        dense_of = dense_cache(cfg, teacher) if needs_teacher and s.dense_source == "cache" \
+            else None
         novel_ids = train_set.novel_ids
 
         def loss_fn(model, batch):
             outputs = model(batch["images"])
             outputs.update(seg_labels=batch["labels"], novel_ids=novel_ids)
-            if online:
+            if needs_teacher:
                 dense, logits = teacher_logits(teacher, batch["images"], text,
-                                               s.key_smoothing, s.prompt_denoising)
+                                               s.key_smoothing, s.prompt_denoising,
+                                               batch.get("dense"))
                 outputs.update(dense_targets=dense, teacher_pixel_logits=logits)
             return criterion(outputs)
 
-        train(model, loss_fn, TrainView(train_set, cfg.seg), cfg.train, out, collate_fn=collate_semantic,
+        train(model, loss_fn, TrainView(train_set, cfg.seg, dense_of), cfg.train, out,
+              collate_fn=collate_semantic,
               resume=resume, progress=progress)
     model.eval()
     metrics = evaluate(lambda images: model(images)["pixel_logits"], teacher, val_set, model,

@@ -134,11 +134,15 @@ def synthetic_semantic(world, split: str) -> SemanticDataset:
 
 
 def collate_semantic(batch: list[dict]) -> dict[str, Any]:
-    """Same-size samples -> ``images`` (B, 3, H, W) uint8, ``labels`` (B, H, W) int64."""
+    """Same-size samples -> ``images`` (B, 3, H, W) uint8, ``labels`` (B, H, W) int64 (and
+    ``dense`` (B, D, h, w) when every sample carries a cached teacher map)."""
     shapes = {tuple(b["image"].shape) for b in batch}
     if len(shapes) > 1:
         raise DatasetError(f"a batch mixes image sizes {sorted(shapes)}: set seg.image_size "
                            f"or train.batch_size=1")
-    return {"images": torch.stack([b["image"] for b in batch]),
-            "labels": torch.stack([b["labels"] for b in batch]),
-            "file_names": [b["file_name"] for b in batch]}
+    out = {"images": torch.stack([b["image"] for b in batch]),
+           "labels": torch.stack([b["labels"] for b in batch]),
+           "file_names": [b["file_name"] for b in batch]}
+    if all("dense" in b for b in batch):  # cached teacher dense maps (tools/train_seg.py)
+        out["dense"] = torch.stack([b["dense"] for b in batch])
+    return out
