@@ -22,7 +22,8 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
 
     ``norm``: "gn" (GroupNorm, for training from scratch with small batches),
     "bn" or "frozen_bn" (for ImageNet weights). ``weights``: a local torchvision
-    ResNet state_dict (.pth/.safetensors), loaded safely; None trains from scratch.
+    ResNet state_dict (.pth/.safetensors) or a detectron2 model-zoo ``.pkl``
+    (detectors/detectron2.py), loaded safely; None trains from scratch.
     """
     if depth not in _CHANNELS:
         raise ValueError(f"model.depth: unsupported ResNet depth {depth} (valid: 10, 18, 34, 50)")
@@ -35,7 +36,7 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
     else:
         body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=norms[norm])
     if weights is not None:
-        body.load_state_dict(_load_state_dict(Path(weights)), strict=False)
+        _load_body(body, Path(weights))
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     for name, p in body.named_parameters():
         p.requires_grad_(any(name.startswith(layer) for layer in layers))
@@ -45,9 +46,34 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
                            extra_blocks=LastLevelMaxPool())
 
 
+def _load_body(body: nn.Module, path: Path) -> None:
+    """Load ``path`` into the ResNet ``body``; every backbone tensor must be there (the
+    classifier ``fc`` may be absent or extra), or ValueError names the missing ones."""
+    state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith("fc.")}
+    own = body.state_dict()
+    shaped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shaped:
+        k = shaped[0]
+        raise ValueError(f"{path}: not weights of this ResNet ({len(shaped)} tensors of "
+                         f"another shape, e.g. {k} {tuple(state[k].shape)} here "
+                         f"{tuple(own[k].shape)})")
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.") and
+               not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not weights of this ResNet "
+                         f"({len(missing)} tensors missing, e.g. {missing[:2]}; "
+                         f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+
+
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torchvision ResNet keys from a .pth / .safetensors state_dict or a detectron2 .pkl."""
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights not found: {path}")
+    if path.suffix == ".pkl":
+        from detectors.detectron2 import torchvision_resnet_state_dict
+
+        return torchvision_resnet_state_dict(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
