@@ -36,7 +36,7 @@ from detectors import build_detector  # noqa: E402
 from distill.losses import Criterion  # noqa: E402
 from distill.teacher import build_teacher  # noqa: E402
 from segmentors import build_segmenter  # noqa: E402
-from segmentors.inference import _starts  # noqa: E402
+from segmentors.inference import window_starts  # noqa: E402
 
 PROPOSALS = 300
 EMBED_BYTES = 512 * 2  # float16 embedding of a ViT-B teacher
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     b16 = build_teacher("ViT-B-16", pretrained=None)
     window = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8)
     flops, sec = measure(lambda: b16.dense(window), a.reps)
-    windows = len(_starts(512, 512, 341)) * len(_starts(683, 512, 341))
+    windows = len(window_starts(512, 512, 341)) * len(window_starts(683, 512, 341))
     rows[f"ade teacher (ViT-B/16, {windows} windows)"] = (flops * windows, sec * windows)
 
     seg = build_segmenter("seg_r50_fpn", embed_dim=b16.embed_dim, fpn_channels=256)

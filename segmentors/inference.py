@@ -48,7 +48,7 @@ def _upsampled(logits_fn: LogitsFn, images: Tensor) -> Tensor:
                          align_corners=False)
 
 
-def _starts(length: int, window: int, stride: int) -> list[int]:
+def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Window origins covering [0, length): stride apart, the last one flush with the end."""
     if length <= window:
         return [0]
@@ -66,8 +66,8 @@ def slide_logits(logits_fn: LogitsFn, images: Tensor, window: int, stride: int) 
     ph, pw = max(h, window), max(w, window)
     padded = F.pad(images, (0, pw - w, 0, ph - h))
     total, count = None, torch.zeros(1, 1, ph, pw)
-    for y in _starts(ph, window, stride):
-        for x in _starts(pw, window, stride):
+    for y in window_starts(ph, window, stride):
+        for x in window_starts(pw, window, stride):
             crop = padded[..., y:y + window, x:x + window]
             logits = _upsampled(logits_fn, crop)
             if total is None:

@@ -7,19 +7,19 @@ import torch
 
 from distill.data.semantic import IGNORE
 from segmentors.inference import (
-    _starts,
     random_resize_crop,
     segment_logits,
     short_side_size,
     slide_logits,
+    window_starts,
 )
 
 
 def test_window_origins_cover_the_image_and_end_flush():
-    assert _starts(10, 4, 3) == [0, 3, 6]
-    assert _starts(11, 4, 3) == [0, 3, 6, 7]
-    assert _starts(3, 4, 3) == [0]
-    assert _starts(4, 4, 4) == [0]
+    assert window_starts(10, 4, 3) == [0, 3, 6]
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]
+    assert window_starts(3, 4, 3) == [0]
+    assert window_starts(4, 4, 4) == [0]
 
 
 def test_sliding_window_of_a_pointwise_function_is_the_whole_image_result():

@@ -7,8 +7,8 @@
   only; images left with no annotation are dropped, as OVR-CNN does (this also drops the
   official file's images that never had one).
 - val (``instances_val2017_ov_all.json``): the annotations of all 65 classes (48 base +
-  17 novel); images with none of them dropped likewise (OVR-CNN's val file: 4,836 of
-  COCO val2017's 5,000 images).
+  17 novel); images with none of them dropped likewise (OVR-CNN's published val file keeps
+  4,836 of COCO val2017's 5,000 images; not checked here, the file is not on this machine).
 
 Both files hold the same 65 categories, in the input's order, each tagged ``"split":
 "base" | "novel"`` (the synthetic world's convention: its train file also lists the

@@ -74,11 +74,6 @@ class DistillationSet(torch.utils.data.Dataset):
         return {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
 
 
-def base_category_ids(data: CocoDetection) -> list[int]:
-    return [int(c["id"]) for c, novel in zip(data.categories, data.novel, strict=True)
-            if not novel]
-
-
 def open_cache(cfg: ExperimentConfig, teacher: Teacher, instances: Path) -> EmbeddingCache:
     path = Path(cfg.cache.root) / cfg.cache.name
     if not (path / "meta.json").is_file():
@@ -147,24 +142,21 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         progress: bool = True) -> dict[str, float]:
     """Train ``cfg`` (unless ``eval_only``), evaluate, write ``output_dir/eval``; returns metrics."""
     out = Path(cfg.output_dir)
-    for split in ("train", "val"):  # a missing benchmark file fails before the teacher loads
-        dataset_paths(cfg, split)
-    teacher = Teacher.from_config(cfg.teacher)
-    seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
-    model = build_student(cfg, teacher)
-    val = val_set(cfg)
-    if eval_only:
-        load_weights(model, final_weights(out))
-    else:
+    val = val_set(cfg)  # data problems fail before the teacher loads
+    if not eval_only:
         instances, images = dataset_paths(cfg, "train")
-        probe = CocoDetection(instances, images, on_error=cfg.data.on_error)
-        data = CocoDetection(instances, images, category_ids=base_category_ids(probe),
-                             with_masks=cfg.model.mask_head,
-                             on_error=cfg.data.on_error)
+        data = CocoDetection(instances, images, category_ids="base",
+                             with_masks=cfg.model.mask_head, on_error=cfg.data.on_error)
         check_names(data, "base categories to train on")
         if not any(data.anns):
             raise DatasetError(f"{instances}: no annotations of the {len(data.names)} base "
                                f"categories to train on")
+    teacher = Teacher.from_config(cfg.teacher)
+    seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
+    model = build_student(cfg, teacher)
+    if eval_only:
+        load_weights(model, final_weights(out))
+    else:
         model.set_vocabulary(teacher.text(data.names))
         cache = open_cache(cfg, teacher, instances) if cfg.loss.vild_image > 0 else None
         save_config(cfg, out / "config.yaml")

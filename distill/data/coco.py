@@ -139,11 +139,19 @@ def image_problem(path: Path, image: dict) -> str | None:
     return None
 
 
+def is_novel(category: dict) -> bool:
+    """Tagged ``"split": "novel"`` (OV files, synthetic world), or, in an untagged LVIS file,
+    a rare class (``"frequency": "r"``)."""
+    return category.get("split") == "novel" or (
+        "split" not in category and category.get("frequency") == "r")
+
+
 class CocoDetection(Dataset):
     """A COCO-format instances file plus its image directory.
 
     ``category_ids`` restricts the categories to those ids, in that order (labels
-    follow it); annotations of other categories are dropped, every image is kept.
+    follow it), or ``"base"`` to the file's non-novel ones (:func:`is_novel`); annotations
+    of other categories are dropped, every image is kept.
     Crowd annotations (``iscrowd=1``) are not boxes: their xyxy boxes are in
     ``crowd_boxes (M, 4)``.
     ``ids``: image ids in file order; ``categories``: the category dicts (with a
@@ -159,7 +167,7 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, instances_json: str | os.PathLike, image_dir: str | os.PathLike,
-                 category_ids: Sequence[int] | None = None, with_masks: bool = False,
+                 category_ids: Sequence[int] | str | None = None, with_masks: bool = False,
                  on_error: str = "fail") -> None:
         self.instances_json = Path(instances_json)
         self.image_dir = Path(image_dir)
@@ -174,6 +182,8 @@ class CocoDetection(Dataset):
             cats = {int(c["id"]): c for c in data["categories"]}
             if category_ids is None:
                 category_ids = [int(c["id"]) for c in data["categories"]]
+            elif category_ids == "base":
+                category_ids = [int(c["id"]) for c in data["categories"] if not is_novel(c)]
             unknown = [c for c in category_ids if int(c) not in cats]
             if unknown:
                 raise DatasetError(f"{where}: category ids {unknown[:10]} are not in the file")
@@ -229,10 +239,8 @@ class CocoDetection(Dataset):
 
     @property
     def novel(self) -> list[bool]:
-        """Per category in label order: tagged ``"split": "novel"`` (OV files, synthetic
-        world), or, in an untagged LVIS file, a rare class (``"frequency": "r"``)."""
-        return [c.get("split") == "novel" or ("split" not in c and c.get("frequency") == "r")
-                for c in self.categories]
+        """Per category in label order: :func:`is_novel`."""
+        return [is_novel(c) for c in self.categories]
 
     def index(self, image_id: int) -> int:
         return self._index[image_id]
