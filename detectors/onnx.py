@@ -11,8 +11,11 @@ S x S; outputs ``boxes`` (N, 4) xyxy in that frame, ``scores`` (N,), ``labels``
 (N,) 1-based vocabulary indices; a student with a mask head adds ``masks``
 (N, 1, 28, 28), each box's class-agnostic mask probabilities. The vocabulary's text
 embeddings are a second input (``text_embeddings`` (C, D)), so a vocabulary swap
-needs no re-export. The predictor does the resize/pad in torch, maps the boxes back
-to the picture and pastes the masks there (as the student's transform does).
+needs no re-export; the third, ``score_threshold`` (a float32 scalar), is the lowest
+class score post-processed (the predictor passes the float32 just below its threshold,
+so that the per-class NMS skips what it would drop). The predictor does the
+resize/pad in torch, maps the boxes back to the picture and pastes the masks there
+(as the student's transform does).
 
 Boxes are clipped to S x S inside the graph (the PyTorch student clips to the
 resized picture): the two agree exactly on square pictures; on others they differ
@@ -34,7 +37,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
 from detectors.predictor import DetectorStudent, as_image_tensor, load_student
-from detectors.vild import ViLD, binary_masks
+from detectors.vild import ViLD, below, binary_masks
 from distill.export import Vocabulary, onnx_session
 
 OPSET = 17
@@ -48,9 +51,11 @@ class _Graph(nn.Module):
         super().__init__()
         self.model, self.size = model, size
 
-    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor):
+    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor,
+                score_threshold: torch.Tensor):
         m = self.model
         m.roi_heads.text_embeddings = F.normalize(text_embeddings, dim=-1)
+        m.roi_heads.score_thresh = score_threshold
         images = ImageList(image, [(self.size, self.size)])
         features = m.backbone(image)
         proposals, _ = m.rpn(images, features)
@@ -85,21 +90,23 @@ def export_onnx(student: DetectorStudent, path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     example = torch.zeros(1, 3, size, size)
     text = student.vocabulary.embeddings.float()
-    saved = model.roi_heads.text_embeddings
+    saved = model.roi_heads.text_embeddings, model.roi_heads.score_thresh
     outputs = output_names(model)
     try:
         # the tracer warns about every Python-side shape; tests/test_export.py checks that the
         # graph still follows the proposal count and vocabulary size of each input
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Graph(model, size).eval(), (example, text), str(tmp), dynamo=False,
-                              opset_version=OPSET, input_names=["image", "text_embeddings"],
+            torch.onnx.export(_Graph(model, size).eval(),
+                              (example, text, torch.tensor(model.roi_heads.score_thresh)),
+                              str(tmp), dynamo=False, opset_version=OPSET,
+                              input_names=["image", "text_embeddings", "score_threshold"],
                               output_names=outputs,
                               dynamic_axes={"text_embeddings": {0: "classes"},
                                             **{k: {0: "n"} for k in outputs}})
         os.replace(tmp, path)
     finally:
-        model.roi_heads.text_embeddings = saved
+        model.roi_heads.text_embeddings, model.roi_heads.score_thresh = saved
         tmp.unlink(missing_ok=True)
     return path
 
@@ -111,20 +118,24 @@ class OnnxDetector:
                  threads: int | None = None):
         self.student = load_student(student_dir)  # preprocessing, vocabulary, thresholds
         self.session = onnx_session(onnx_path or Path(student_dir) / "model.onnx", threads)
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
     def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
                 score_threshold: float | None = None, bgr: bool = False) -> dict:
         vocab = self.student.vocabulary if vocabulary is None else (
             vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary))
         x, resized, original = preprocess(self.student.model, as_image_tensor(image, bgr))
-        out = dict(zip(output_names(self.student.model), self.session.run(None, {
-            "image": x.numpy(), "text_embeddings": vocab.embeddings.float().numpy()}),
-            strict=True))
+        thresh = self.student.score_threshold if score_threshold is None else score_threshold
+        inputs = {"image": x.numpy(), "text_embeddings": vocab.embeddings.float().numpy()}
+        if "score_threshold" in self.inputs:  # graphs exported before it was an input lack it
+            inputs["score_threshold"] = np.array(
+                max(self.student.model.roi_heads.score_thresh, below(thresh)), dtype=np.float32)
+        out = dict(zip(output_names(self.student.model), self.session.run(None, inputs),
+                       strict=True))
         boxes = resize_boxes(torch.from_numpy(out["boxes"]), resized, original).numpy()
         h, w = original
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        thresh = self.student.score_threshold if score_threshold is None else score_threshold
         scores = out["scores"]
         keep = scores >= thresh
         labels = (out["labels"][keep] - 1).tolist()

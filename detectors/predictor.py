@@ -56,7 +56,10 @@ def as_image_tensor(image, bgr: bool = False) -> torch.Tensor:
     else:
         raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, "
                         f"a PIL image or an (H, W, 3) numpy array")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # PIL's arrays are read-only; torch wants to own one
+        image = image.copy()
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 class DetectorStudent:
@@ -97,7 +100,8 @@ class DetectorStudent:
         try:
             vocab = self.vocabulary
             thresh = self.score_threshold if score_threshold is None else score_threshold
-            out = self.model([as_image_tensor(im, bgr) for im in images])
+            with self.model.scores_at_least(thresh):
+                out = self.model([as_image_tensor(im, bgr) for im in images])
         finally:
             if vocabulary is not None:
                 self.set_vocabulary(saved)

@@ -29,6 +29,10 @@ horizontal flip of an image mirrors its targets with :func:`hflip_target`.)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,6 +64,11 @@ def hflip_target(target: dict[str, Tensor], width: int) -> dict[str, Tensor]:
     if "masks" in target:
         out["masks"] = target["masks"].flip(-1)
     return out
+
+
+def below(score: float) -> float:
+    """The float32 just below ``score``: ``x > below(s)`` is ``x >= s`` for float32 ``x``."""
+    return float(np.nextafter(np.float32(score), np.float32(-np.inf)))
 
 
 def binary_masks(probs: Tensor) -> Tensor:
@@ -257,6 +266,20 @@ class ViLD(nn.Module):
     @property
     def vocabulary_size(self) -> int:
         return len(self.roi_heads.text_embeddings)
+
+    @contextlib.contextmanager
+    def scores_at_least(self, score: float) -> Iterator[None]:
+        """Within: post-process only class scores >= ``score`` (never below the model's own
+        ``box_score_thresh``). Exact for a caller that drops lower scores anyway: in the
+        class-wise NMS a box is suppressed only by a higher-scored one, and the top-N cap
+        keeps a prefix of the score order; it skips most of the NMS work."""
+        heads = self.roi_heads
+        saved = heads.score_thresh
+        heads.score_thresh = max(saved, below(score))
+        try:
+            yield
+        finally:
+            heads.score_thresh = saved
 
     # ----------------------------------------------------------------- forward
     def _prepare(self, images, targets=None):

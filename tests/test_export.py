@@ -72,9 +72,16 @@ def test_export_round_trip_predicts_as_the_trained_model(exported):
                  student.predict(image[..., ::-1].copy(), score_threshold=0.0, bgr=True),
                  student.predict(Image.open(images[0]), score_threshold=0.0)):
         assert _key(same) == _key(found)
-    # the threshold keeps only the scores at or above it
-    cut = float(np.median(found["scores"]))
-    assert min(student.predict(image, score_threshold=cut)["scores"]) >= cut
+    # the threshold keeps exactly the scores at or above it (one equal to it included):
+    # post-processing only those (ViLD.scores_at_least) loses none of them
+    cut = float(found["scores"][len(found["scores"]) // 2])
+    above = student.predict(image, score_threshold=cut)
+    keep = found["scores"] >= np.float32(cut)
+    assert len(above["scores"]) == keep.sum() > 0 and min(above["scores"]) == np.float32(cut)
+    np.testing.assert_array_equal(above["scores"], found["scores"][keep])
+    np.testing.assert_array_equal(above["boxes"], found["boxes"][keep])
+    assert above["names"] == [n for n, k in zip(found["names"], keep, strict=True) if k]
+    assert student.model.roi_heads.score_thresh == config["model"].get("box_score_thresh", 0.001)
 
 
 def test_exported_student_loads_and_predicts_without_open_clip(exported):
@@ -223,6 +230,11 @@ def test_onnx_runtime_matches_pytorch(exported, tmp_path):
     got = onnx.predict(images[0], vocabulary=vocab, score_threshold=0.0)
     _same_detections(got, student.predict(images[0], vocabulary=vocab, score_threshold=0.0))
     assert set(got["names"]) <= set(vocab.names)
+    # the score threshold is an input too: the same detections above it as PyTorch's
+    ref = student.predict(images[0], score_threshold=0.0)
+    cut = float(ref["scores"][len(ref["scores"]) // 2])
+    _same_detections(onnx.predict(images[0], score_threshold=cut),
+                     student.predict(images[0], score_threshold=cut))
 
 
 def _same_detections(got: dict, ref: dict) -> None:

@@ -106,7 +106,8 @@ def teacher_predictor(student, score_threshold: float):
                                    info.get("temperature", 0.01))
 
     def run(path) -> dict:
-        det = predict([as_image_tensor(path)])[0]
+        with student.model.scores_at_least(score_threshold):
+            det = predict([as_image_tensor(path)])[0]
         keep = det["scores"] >= score_threshold
         labels = (det["labels"][keep] - 1).tolist()
         vocab = student.vocabulary
