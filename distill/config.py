@@ -162,6 +162,9 @@ class SegmenterConfig:
     dense_source: str = "online"  # online | cache
     pseudo_label: float = 0.0  # cross-entropy on the teacher's dense argmax over all names
     pseudo_label_threshold: float | None = None  # ignore pixels the teacher is less sure of
+    # all: every pixel, argmax over every name (annotation-free MaskCLIP+); unlabeled: only
+    # pixels without a base label, argmax over the novel names (transductive zero-shot)
+    pseudo_label_scope: str = "all"
     # views (segmentors/inference.py); ADE20k as mmsegmentation: 512, 512, 0.5-2, 512 / 341
     short_side: int = 0  # resize the short side to this for training and inference; 0: as is
     crop_size: int = 0  # training: random square crop, padded with ignore; 0: whole image

@@ -211,26 +211,48 @@ def pseudo_label_loss(
     teacher_logits: Tensor,
     threshold: float | None = None,
     ignore_index: int = 255,
+    classes: Sequence[int] | None = None,
+    unlabeled: Tensor | None = None,
 ) -> Tensor:
     """MaskCLIP+ pseudo-label cross-entropy.
 
-    teacher_logits (B, C, H, W), detached: labels = argmax over C at (H, W); pixels whose
-    max softmax probability is below ``threshold`` get ``ignore_index``; the label map is
-    resized to the student's (h, w) with nearest. student_logits (B, C, h, w); mean
-    cross-entropy over the labelled pixels. No labelled pixel gives 0.
+    teacher_logits (B, C, H, W), detached: labels = argmax over C at (H, W) (over the
+    class indices ``classes`` only, when given); pixels whose max softmax probability
+    (over the same classes) is below ``threshold`` get ``ignore_index``; the label map
+    is resized to the student's (h, w) with nearest. ``unlabeled`` (B, H', W') bool, any
+    resolution (nearest to (h, w)), keeps pseudo-labels only where it is true: the
+    transductive zero-shot recipe (ZS5Net, MaskCLIP+'s zero-shot setting) gives the
+    pixels without a base-class label the teacher's best novel class. student_logits
+    (B, C, h, w); mean cross-entropy over the labelled pixels. No labelled pixel gives 0.
     """
     if (student_logits.dim() != 4 or teacher_logits.dim() != 4
             or student_logits.shape[:2] != teacher_logits.shape[:2]):
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must be (B, C, h, w) and (B, C, H, W)")
     _check_ignore_index(ignore_index, student_logits.shape[1])
+    size = (student_logits.shape[-2], student_logits.shape[-1])
     with torch.no_grad():
         t = teacher_logits.detach().float()
+        index = None
+        if classes is not None:
+            index = torch.as_tensor(classes, dtype=torch.long, device=t.device).reshape(-1)
+            if not index.numel() or bool(((index < 0) | (index >= t.shape[1])).any()):
+                raise ValueError(f"pseudo-label classes {index.tolist()} must be a non-empty "
+                                 f"subset of 0..{t.shape[1] - 1}")
+            t = t[:, index]
         labels = t.argmax(dim=1)
         if threshold is not None:
             labels[t.softmax(dim=1).amax(dim=1) < threshold] = ignore_index
-        labels = _resize_nearest(labels, (student_logits.shape[-2], student_logits.shape[-1]))
-        labels = labels.to(student_logits.device)
+        if index is not None:
+            labels = torch.where(labels == ignore_index, ignore_index,
+                                 index[labels.clamp(max=len(index) - 1)])
+        labels = _resize_nearest(labels, size).to(student_logits.device)
+        if unlabeled is not None:
+            if unlabeled.dim() != 3 or unlabeled.shape[0] != labels.shape[0]:
+                raise ValueError(f"unlabeled {tuple(unlabeled.shape)} must be (B, H, W) with "
+                                 f"B = {labels.shape[0]}")
+            keep = _resize_nearest(unlabeled.to(device=labels.device, dtype=torch.bool), size)
+            labels = torch.where(keep, labels, ignore_index)
     if not bool((labels != ignore_index).any()):
         return _zero(student_logits)
     return F.cross_entropy(student_logits, labels, ignore_index=ignore_index)
@@ -367,7 +389,10 @@ class Criterion(nn.Module):
     ``region_word`` on, ``distill_targets`` are pushed into the negative queue after the
     loss is computed (MoCo order).
     ``pixel_distill_mode`` ("l1" | "cosine") and ``pseudo_label_threshold`` are passed to
-    :func:`pixel_distill_loss` and :func:`pseudo_label_loss`.
+    :func:`pixel_distill_loss` and :func:`pseudo_label_loss`. ``pseudo_label_scope``
+    "all" pseudo-labels every pixel over every class (MaskCLIP+ without annotations);
+    "unlabeled" only the pixels whose ``seg_labels`` are 255 or in ``novel_ids``, over the
+    ``novel_ids`` classes (transductive zero-shot: base pixels keep their labels).
     """
 
     def __init__(
@@ -377,6 +402,7 @@ class Criterion(nn.Module):
         region_word_temperature: float = 0.02,
         pixel_distill_mode: str = "l1",
         pseudo_label_threshold: float | None = None,
+        pseudo_label_scope: str = "all",
     ) -> None:
         super().__init__()
         known = {**DEFAULT_WEIGHTS, **SEG_WEIGHTS}
@@ -388,7 +414,11 @@ class Criterion(nn.Module):
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}  # segmenter losses only if given
         self.region_word_temperature = region_word_temperature
         self.pixel_distill_mode = pixel_distill_mode
+        if pseudo_label_scope not in ("all", "unlabeled"):
+            raise ValueError(f"pseudo_label_scope must be 'all' or 'unlabeled', "
+                             f"got {pseudo_label_scope!r}")
         self.pseudo_label_threshold = pseudo_label_threshold
+        self.pseudo_label_scope = pseudo_label_scope
         self.queue = EmbeddingQueue(queue_size)
 
     def _require(self, outputs: dict, name: str) -> None:
@@ -425,8 +455,18 @@ class Criterion(nn.Module):
             return pixel_distill_loss(o["pixel_embeddings"], o["dense_targets"],
                                       self.pixel_distill_mode, o.get("dense_valid"))
         if name == "pseudo_label":
+            if self.pseudo_label_scope == "all":
+                return pseudo_label_loss(o["pixel_logits"], o["teacher_pixel_logits"],
+                                         self.pseudo_label_threshold)
+            if "seg_labels" not in o or not len(o.get("novel_ids", ())):
+                raise MissingOutputError("pseudo_label_scope 'unlabeled' needs outputs "
+                                         "'seg_labels' and a non-empty 'novel_ids'")
+            labels, novel = o["seg_labels"], o["novel_ids"]
+            unlabeled = (labels == 255) | torch.isin(
+                labels, torch.as_tensor(novel, dtype=labels.dtype, device=labels.device))
             return pseudo_label_loss(o["pixel_logits"], o["teacher_pixel_logits"],
-                                     self.pseudo_label_threshold)
+                                     self.pseudo_label_threshold, classes=novel,
+                                     unlabeled=unlabeled)
         if name == "supervised_seg":
             return supervised_seg_loss(o["pixel_logits"], o["seg_labels"], o.get("novel_ids", ()))
         return o["rpn_losses"][f"loss_{name}"]

@@ -152,6 +152,31 @@ def test_pseudo_label_all_ignored_is_exact_zero():
         pseudo_label_loss(s, dense(*TEACHER_LOGITS, h=2, w=2), ignore_index=1)
 
 
+def test_pseudo_labels_over_some_classes_on_unlabeled_pixels_by_hand():
+    # the transductive recipe: argmax (and confidence) over classes 1, 2 only, kept where
+    # ``unlabeled``; teacher restricted to (c1, c2): (0, 0) (0, 1) (3, 0) (0, .1) ->
+    # labels 1 (tie: first), 2 (p .731), 1 (p .953), 2 (p .525)
+    s = dense((1.0, 0.0, 0.0), (0.0, 0.0, 2.0), (0.0, 1.0, 0.0), (5.0, 0.0, 0.0),
+              h=2, w=2, grad=True)
+    t = dense((2.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 3.0, 0.0), (0.0, 0.0, 0.1), h=2, w=2)
+    unlabeled = torch.tensor([[[False, True], [True, True]]])
+    ce = {1: lse(0, 0, 2) - 2, 2: lse(0, 1, 0) - 1, 3: lse(5, 0, 0)}  # pixel -> CE of its label
+    loss = pseudo_label_loss(s, t, classes=[1, 2], unlabeled=unlabeled)
+    assert loss.item() == pytest.approx((ce[1] + ce[2] + ce[3]) / 3, rel=1e-6)
+    loss = pseudo_label_loss(s, t, threshold=0.6, classes=[1, 2], unlabeled=unlabeled)
+    assert loss.item() == pytest.approx((ce[1] + ce[2]) / 2, rel=1e-6)
+    loss.backward()
+    assert s.grad[0, :, 0, 0].tolist() == [0.0, 0.0, 0.0]  # labelled pixel: untouched
+    # the mask is resized with nearest like the labels: 4x4 blocks of the 2x2 one
+    big = unlabeled.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert pseudo_label_loss(s, t, classes=[1, 2], unlabeled=big).item() == pytest.approx(
+        (ce[1] + ce[2] + ce[3]) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match=r"classes \[3\] must be a non-empty subset of 0..2"):
+        pseudo_label_loss(s, t, classes=[3])
+    with pytest.raises(ValueError, match=r"unlabeled \(2, 2\) must be \(B, H, W\)"):
+        pseudo_label_loss(s, t, unlabeled=unlabeled[0])
+
+
 # --------------------------------------------------------------------------- supervised
 
 
@@ -227,6 +252,20 @@ def test_criterion_dispatches_segmenter_losses():
     o = seg_outputs()
     o["dense_valid"] = torch.zeros(1, 2, 2, dtype=torch.bool)
     assert cosine(o)["loss_pixel_distill"].item() == 0.0
+
+
+def test_criterion_pseudo_labels_only_unlabeled_pixels_over_novel_classes():
+    # seg_labels [[0, 1], [2, 255]], novel (2,): pixels (1, 0) (novel) and (1, 1) (255) get
+    # the teacher's best novel class (2, the only one); the others keep their labels
+    crit = Criterion({**DETECTION_OFF, "pseudo_label": 1.0}, pseudo_label_scope="unlabeled")
+    loss = crit(seg_outputs())["loss_pseudo_label"]
+    assert loss.item() == pytest.approx((lse(0, 1, 0) + lse(5, 0, 0)) / 2, rel=1e-6)
+    o = seg_outputs()
+    o["novel_ids"] = ()
+    with pytest.raises(MissingOutputError, match="non-empty 'novel_ids'"):
+        crit(o)
+    with pytest.raises(ValueError, match="pseudo_label_scope must be 'all' or 'unlabeled'"):
+        Criterion(pseudo_label_scope="novel")
 
 
 def test_criterion_segmenter_losses_off_by_default_and_required_keys():

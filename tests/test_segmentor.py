@@ -1,6 +1,7 @@
 """Student segmenters (segmentors/), their data (distill/data/semantic.py) and tools."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,19 @@ def test_one_training_iteration_per_config(tiny_world, name):
     assert (out / "model_final.safetensors").is_file()
 
 
+def test_seg_ablation_floors_hand_computed():
+    mean = {"seg_supervised": {"mIoU_novel": 0.01}, "seg_teacher": {"mIoU_novel": 0.04},
+            "seg_distill": {"mIoU_novel": 0.03}, "seg_distill_pseudo": {"mIoU_novel": 0.05}}
+    got = [(what.split(":")[0], round(v, 4), ok)
+           for what, v, _, ok in seg_ablation.floors(mean, 21 * 60)]
+    assert got == [("pixel-distilled student", 3.0, True), ("pixel-distilled student", -1.0, False),
+                   ("pixel-distilled + pseudo-labels", 5.0, True),
+                   ("pixel-distilled + pseudo-labels", 1.0, True),
+                   ("segmentation ablation wall time (minutes)", 21.0, False)]
+    mean["seg_supervised"]["mIoU_novel"] = 0.0  # 0 for base-only: any positive is infinitely more
+    assert seg_ablation.floors(mean, 60)[0][1:] == (math.inf, ">= 2", True)
+
+
 def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
     results = tmp_path / "results.md"
     results.write_text("# Results\n\n<!-- seg-ablation -->\nold\n<!-- /seg-ablation -->\nkept\n")
@@ -114,7 +128,8 @@ def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
     assert "old" not in text and text.endswith("<!-- /seg-ablation -->\nkept\n")
     for label in seg_ablation.STAGES.values():
         assert f"| {label} |" in text
-    assert "| pixel-distilled novel mIoU / base-only novel mIoU |" in text
+    assert "| pixel-distilled student: novel mIoU / base-only novel mIoU |" in text
+    assert "| pixel-distilled + pseudo-labels: novel mIoU - teacher novel mIoU (points) |" in text
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
     assert stages == sorted(seg_ablation.STAGES)
     teacher = json.loads(next((tmp_path / "out").glob("seg_teacher-*/eval/summary.json"))

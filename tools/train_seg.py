@@ -161,7 +161,11 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         weights = {**{k: 0.0 for k in DEFAULT_WEIGHTS}, "supervised_seg": s.supervised,
                    "pixel_distill": s.pixel_distill, "pseudo_label": s.pseudo_label}
         criterion = Criterion(weights, pixel_distill_mode=s.pixel_distill_mode,
-                              pseudo_label_threshold=s.pseudo_label_threshold)
+                              pseudo_label_threshold=s.pseudo_label_threshold,
+                              pseudo_label_scope=s.pseudo_label_scope)
+        if s.pseudo_label_scope not in ("all", "unlabeled"):
+            raise ConfigError(f"seg.pseudo_label_scope must be all or unlabeled, "
+                              f"got {s.pseudo_label_scope!r}")
         if s.dense_source not in ("online", "cache"):
             raise ConfigError(f"seg.dense_source must be online or cache, got {s.dense_source!r}")
         needs_teacher = s.pixel_distill > 0 or s.pseudo_label > 0
