@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean-world
+.PHONY: setup demo test lint clean-world mmdet test-mmdet
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# optional: mmdetection 3.3 with a CPU build of mmcv's ops (tools/install_mmdet.sh; the
+# first build takes ~33 minutes on 2 cores, then its wheel is cached)
+mmdet: $(STAMP)
+	VENV=$(VENV) ./tools/install_mmdet.sh
+
+test-mmdet: mmdet
+	$(PY) -m pytest -q tests/test_mmdet.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
