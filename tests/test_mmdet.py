@@ -140,6 +140,12 @@ def test_train_and_test_one_config(native, tmp_path, capsys):
     assert {"ov/AP50_novel", "ov/AP50_base", "ov/AP50_all"} <= set(metrics)
     assert all(-1 <= metrics[k] <= 1 for k in ("ov/AP50_novel", "ov/AP50_base"))
     assert "metrics written to" in capsys.readouterr().out
+    # --test-only scores the saved safetensors weights: the same metrics
+    (work / "metrics.json").unlink()
+    assert train_mmdet.main([*args[:5], "--test-only", *args[5:]]) == 0
+    assert json.loads((work / "metrics.json").read_text()) == metrics
+    assert train_mmdet.main([*args[:4], str(tmp_path / "empty"), "--test-only"]) == 2
+    assert "model_final.safetensors not found: train first" in capsys.readouterr().err
 
 
 def test_train_mmdet_errors_are_one_line(tmp_path, capsys):

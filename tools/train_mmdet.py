@@ -7,7 +7,9 @@
 ``--ovd-config`` (the config.yaml of a native ViLD run: its world, teacher and embedding
 cache) replaces every ``ovd_config`` in the mmdet config. mmengine's runner trains, then
 tests with ``OVDCocoMetric`` (COCO-OV AP50 novel / base / all, generalized setting);
-the metrics go to ``<work-dir>/metrics.json``. Needs ``make mmdet``.
+the metrics go to ``<work-dir>/metrics.json`` and the trained weights to
+``<work-dir>/model_final.safetensors`` (what ``--test-only`` loads; mmengine's own
+checkpoints there are pickles, which this tool never loads). Needs ``make mmdet``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ovd-config", required=True, help="a native ViLD run's config.yaml")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="key=value")
-    p.add_argument("--test-only", action="store_true", help="test <work-dir>'s last checkpoint")
+    p.add_argument("--test-only", action="store_true",
+                   help="test <work-dir>/model_final.safetensors")
     p.add_argument("--debug", action="store_true")
     return cli.run(_run, p.parse_args(argv))
 
@@ -68,15 +71,20 @@ def _run(args) -> int:
         from mmengine.runner import Runner
     except ImportError:
         raise OSError("mmengine/mmdet are not installed: run `make mmdet` first") from None
+    from safetensors.torch import load_file, save_file
+
     cfg = build_config(args.config, args.ovd_config, args.work_dir, args.cfg_options)
-    if args.test_only:
-        ckpt = Path(cfg.work_dir) / "last_checkpoint"
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"{ckpt} not found: train first (without --test-only)")
-        cfg.load_from = ckpt.read_text().strip()
+    weights = Path(cfg.work_dir) / "model_final.safetensors"
+    if args.test_only and not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: train first (without --test-only)")
     runner = Runner.from_cfg(cfg)
-    if not args.test_only:
+    if args.test_only:  # safetensors, never mmengine's pickled checkpoints
+        runner.model.load_state_dict(load_file(weights))
+    else:
         runner.train()
+        tmp = weights.with_name(f".{weights.name}.tmp")
+        save_file({k: v.contiguous() for k, v in runner.model.state_dict().items()}, str(tmp))
+        tmp.replace(weights)
     metrics = runner.test()
     out = Path(cfg.work_dir) / "metrics.json"
     atomic_write(out, json.dumps({"config": args.config, "ovd_config": args.ovd_config,
