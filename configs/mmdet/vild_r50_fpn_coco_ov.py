@@ -30,6 +30,8 @@ model = dict(
                        in_channels=256)),
     train_cfg=dict(rcnn=dict(sampler=dict(num=512))))
 
+# the pipelines are restated: mmengine fills in ovd_config and image_size when it reads
+# the base file, and a child's list replaces the base's whole
 meta_keys = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor", "flip",
              "flip_direction")
 train_pipeline = [
