@@ -8,7 +8,7 @@
 # flags, builds the wheel once in a throwaway virtual environment that sees the
 # project's torch, and keeps it in $OVD_WHEEL_CACHE (~/.cache/ovdistill/wheels) keyed
 # by Python and torch version; a rerun with the wheel cached installs in seconds.
-# The build takes ~33 minutes on 2 idle cores (MAX_JOBS=2); 69 minutes here at nice 10
+# The build takes ~33 minutes on 2 idle cores (MAX_JOBS=2); 76 minutes here at nice 10
 # beside other jobs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
