@@ -91,12 +91,17 @@ def class_names(ovd_config: str, split: str) -> tuple[str, ...]:
                  if split == "val" or not n)
 
 
+@functools.lru_cache(maxsize=2)
+def _teacher(ovd_config: str):
+    from distill.teacher import Teacher
+
+    return Teacher.from_config(experiment(ovd_config).config.teacher)
+
+
 @functools.lru_cache(maxsize=8)
 def text_embeddings(ovd_config: str, split: str) -> torch.Tensor:
     """The teacher's (C, D) text embeddings of ``class_names(ovd_config, split)``."""
-    from distill.teacher import Teacher
-
-    teacher = Teacher.from_config(experiment(ovd_config).config.teacher)
+    teacher = _teacher(ovd_config)  # loaded once for both splits
     names = [n.replace("_", " ") for n in class_names(ovd_config, split)]
     return teacher.text(names).float()
 
