@@ -49,10 +49,34 @@ from torchvision.models.detection.rpn import (
     concat_box_prediction_layers,
 )
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from distill.losses import ensemble_scores
+
+
+class GatherRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign, with the levels' outputs concatenated and put back
+    in the boxes' order by one gather, where torchvision zero-fills the whole result and
+    scatters each level into it. Same values; in the ONNX graph that scatter (over every
+    pooled value) was 18 % of the student's time, and the zero fill 3 % in PyTorch."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = [x[k] for k in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        pooled, index = [], []
+        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+            i = torch.where(levels == level)[0]
+            pooled.append(roi_align(feature, rois[i], self.output_size, scale,
+                                    self.sampling_ratio))
+            index.append(i)
+        return torch.cat(pooled)[torch.argsort(torch.cat(index))]
 
 
 def hflip_target(target: dict[str, Tensor], width: int) -> dict[str, Tensor]:
@@ -355,11 +379,11 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
         pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
         post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
         nms_thresh=0.7)
-    pool = MultiScaleRoIAlign(list(featmap_names), output_size=7, sampling_ratio=roi_sampling_ratio)
+    pool = GatherRoIAlign(list(featmap_names), output_size=7, sampling_ratio=roi_sampling_ratio)
     masks = {}
     if mask_head:
-        masks = {"mask_roi_pool": MultiScaleRoIAlign(list(featmap_names), output_size=14,
-                                                     sampling_ratio=roi_sampling_ratio),
+        masks = {"mask_roi_pool": GatherRoIAlign(list(featmap_names), output_size=14,
+                                                 sampling_ratio=roi_sampling_ratio),
                  "mask_head": MaskRCNNHeads(channels, (channels,) * 4, 1),
                  "mask_predictor": MaskRCNNPredictor(channels, channels, 1)}
     roi_heads = EmbeddingRoIHeads(

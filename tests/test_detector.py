@@ -78,6 +78,25 @@ def test_ensemble_head_combines_text_and_image_probs():
     assert m.roi_heads.novel_mask.tolist() == [False, True]
 
 
+def test_gather_roi_align_equals_torchvision_across_levels_and_images():
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from detectors.vild import GatherRoIAlign
+
+    torch.manual_seed(0)
+    x = {"0": torch.randn(3, 8, 32, 32), "1": torch.randn(3, 8, 16, 16),
+         "2": torch.randn(3, 8, 8, 8)}
+    xy = torch.rand(3, 30, 2) * 200
+    boxes = [torch.cat([p, p + torch.rand(30, 2) * 600 + 1], 1) for p in xy]
+    boxes[1] = boxes[1][:0]  # an image without boxes between two with
+    shapes = [(256, 256)] * 3
+    levels = MultiScaleRoIAlign(["0", "1", "2"], 7, 2)
+    want = levels(x, boxes, shapes)
+    assert len(set(levels.map_levels(boxes).tolist())) == 3  # every level holds boxes
+    got = GatherRoIAlign(["0", "1", "2"], 7, 2)(x, boxes, shapes)
+    assert got.shape == (60, 8, 7, 7) and torch.equal(got, want)
+
+
 def test_propose_returns_top_proposals_with_objectness_in_input_pixels():
     m = _model(rpn_post_nms_top_n_test=20)
     img = torch.randint(0, 256, (3, 120, 80), dtype=torch.uint8)  # resized to 96 inside
