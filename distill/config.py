@@ -192,6 +192,8 @@ class LossConfig:
     rpn_box_reg: float = 1.0
     mask: float = 1.0  # mask BCE; computed only for a student with model.mask_head
     distill_per_image: int = 0  # cached proposals drawn per image and step (0: all)
+    # distil only cached proposals whose RPN objectness is at least this (0: all, as ViLD)
+    distill_min_objectness: float = 0.0
     queue_size: int = 1024  # BARON: 1024 queued negatives
     region_word_temperature: float = 0.02  # BARON single-region temperature 50
 

@@ -97,6 +97,28 @@ def test_gather_roi_align_equals_torchvision_across_levels_and_images():
     assert got.shape == (60, 8, 7, 7) and torch.equal(got, want)
 
 
+def test_distillation_set_keeps_proposals_at_or_above_min_objectness():
+    class Cache:
+        def get(self, image_id):
+            return {"boxes": boxes.numpy(), "scores": scores.numpy(), "embeddings": emb.numpy()}
+
+    boxes = torch.tensor([[0, 0, 4, 4], [1, 1, 5, 5], [2, 2, 6, 6], [3, 3, 7, 7]]).float()
+    scores = torch.tensor([0.9, 0.3, 0.29, 0.5])
+    emb = torch.eye(4)
+    sample = {"image": torch.zeros(3, 8, 8), "boxes": boxes[:1], "labels": torch.tensor([1]),
+              "image_id": 7}
+    every = train.DistillationSet([sample], Cache(), flip=False)[0]["distill"]
+    assert torch.equal(every["boxes"], boxes)
+    kept = train.DistillationSet([sample], Cache(), flip=False, min_objectness=0.3)[0]["distill"]
+    assert torch.equal(kept["boxes"], boxes[[0, 1, 3]])  # 0.3 itself is kept, 0.29 is not
+    assert torch.equal(kept["embeddings"], emb[[0, 1, 3]])
+    torch.manual_seed(0)
+    drawn = train.DistillationSet([sample], Cache(), flip=False, distill_per_image=2,
+                                  min_objectness=0.3)[0]["distill"]
+    assert len(drawn["boxes"]) == 2
+    assert all(any(torch.equal(b, k) for k in kept["boxes"]) for b in drawn["boxes"])
+
+
 def test_propose_returns_top_proposals_with_objectness_in_input_pixels():
     m = _model(rpn_post_nms_top_n_test=20)
     img = torch.randint(0, 256, (3, 120, 80), dtype=torch.uint8)  # resized to 96 inside

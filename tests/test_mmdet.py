@@ -87,6 +87,10 @@ def test_distill_targets_follow_resize_and_flip(native):
     np.testing.assert_array_equal(out["distill_embeddings"], rec["embeddings"])
     t2 = LoadDistillTargets(str(ovd_config), per_image=1)
     assert len(t2.transform({"img_id": image_id})["distill_boxes"]) == 1
+    cut = float(np.median(rec["scores"]))
+    t3 = LoadDistillTargets(str(ovd_config), min_objectness=cut)
+    np.testing.assert_array_equal(t3.transform({"img_id": image_id})["distill_boxes"],
+                                  rec["boxes"][rec["scores"] >= cut])
     with pytest.raises(ValueError, match="horizontal flips only"):
         t.transform({"img_id": image_id, "flip": True, "flip_direction": "vertical",
                      "img_shape": (10, 10)})

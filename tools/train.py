@@ -39,15 +39,15 @@ from tools import cli
 class DistillationSet(torch.utils.data.Dataset):
     """Training samples: image, targets in the base vocabulary, cached proposals + embeddings.
 
-    ``distill_per_image`` > 0 draws that many of an image's cached proposals per
-    step. Flips (p=0.5) and draws use the global torch RNG, which the engine
+    ``min_objectness`` > 0 keeps only the cached proposals whose RPN objectness is at
+    least that; ``distill_per_image`` > 0 then draws that many of them per step. Flips (p=0.5) and draws use the global torch RNG, which the engine
     checkpoints, so a resumed run sees the same samples.
     """
 
     def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True,
-                 distill_per_image: int = 0):
+                 distill_per_image: int = 0, min_objectness: float = 0.0):
         self.data, self.cache, self.flip = data, cache, flip
-        self.distill_per_image = distill_per_image
+        self.distill_per_image, self.min_objectness = distill_per_image, min_objectness
 
     def __len__(self) -> int:
         return len(self.data)
@@ -61,6 +61,9 @@ class DistillationSet(torch.utils.data.Dataset):
             rec = self.cache.get(s["image_id"])
             distill = {"boxes": torch.as_tensor(rec["boxes"]),
                        "embeddings": torch.as_tensor(rec["embeddings"])}
+            if self.min_objectness > 0:
+                keep = torch.as_tensor(rec["scores"]) >= self.min_objectness
+                distill = {key: v[keep] for key, v in distill.items()}
             k = self.distill_per_image
             if 0 < k < len(distill["boxes"]):
                 pick = torch.randperm(len(distill["boxes"]))[:k]
@@ -173,7 +176,9 @@ def run(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
             return criterion(outputs)
 
         periodic = (lambda m: evaluate(cfg, m, teacher, None, False, val)) if cfg.train.eval_period else None
-        train(model, loss_fn, DistillationSet(data, cache, distill_per_image=cfg.loss.distill_per_image), cfg.train, out, collate_fn=collate,
+        samples = DistillationSet(data, cache, distill_per_image=cfg.loss.distill_per_image,
+                                  min_objectness=cfg.loss.distill_min_objectness)
+        train(model, loss_fn, samples, cfg.train, out, collate_fn=collate,
               evaluate=periodic, resume=resume, progress=progress)
     metrics = evaluate(cfg, model, teacher, out / "eval", progress, val)
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")

@@ -208,10 +208,13 @@ class ViLDRoIHead(StandardRoIHead):
 class LoadDistillTargets(BaseTransform):
     """``distill_boxes`` (P, 4) and ``distill_embeddings`` (P, D) of the image from the
     experiment's embedding cache, in the pipeline's current frame (after ``Resize`` and
-    ``RandomFlip``); ``per_image`` > 0 draws that many (as ``loss.distill_per_image``)."""
+    ``RandomFlip``); only proposals with objectness >= ``min_objectness`` (as
+    ``loss.distill_min_objectness``), of which ``per_image`` > 0 draws that many (as
+    ``loss.distill_per_image``)."""
 
-    def __init__(self, ovd_config: str, per_image: int = 0):
+    def __init__(self, ovd_config: str, per_image: int = 0, min_objectness: float = 0.0):
         self.ovd_config, self.per_image = ovd_config, per_image
+        self.min_objectness = min_objectness
 
     @functools.cached_property
     def cache(self):
@@ -227,6 +230,9 @@ class LoadDistillTargets(BaseTransform):
     def transform(self, results: dict) -> dict:
         rec = self.cache.get(int(results["img_id"]))
         boxes, emb = rec["boxes"].astype(np.float32), rec["embeddings"].astype(np.float32)
+        if self.min_objectness > 0:
+            keep = rec["scores"] >= self.min_objectness
+            boxes, emb = boxes[keep], emb[keep]
         if 0 < self.per_image < len(boxes):
             pick = np.random.permutation(len(boxes))[:self.per_image]
             boxes, emb = boxes[pick], emb[pick]
