@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 # optional: mmdetection 3.3 with a CPU build of mmcv's ops (tools/install_mmdet.sh; the
-# first build takes ~33 minutes on 2 cores, then its wheel is cached)
+# first build took 76 minutes here at nice 10 beside other jobs, then its wheel is cached)
 mmdet: $(STAMP)
 	VENV=$(VENV) ./tools/install_mmdet.sh
 

@@ -40,8 +40,9 @@ class DistillationSet(torch.utils.data.Dataset):
     """Training samples: image, targets in the base vocabulary, cached proposals + embeddings.
 
     ``min_objectness`` > 0 keeps only the cached proposals whose RPN objectness is at
-    least that; ``distill_per_image`` > 0 then draws that many of them per step. Flips (p=0.5) and draws use the global torch RNG, which the engine
-    checkpoints, so a resumed run sees the same samples.
+    least that; ``distill_per_image`` > 0 then draws that many of them per step. Flips
+    (p=0.5) and draws use the global torch RNG, which the engine checkpoints, so a
+    resumed run sees the same samples.
     """
 
     def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True,
