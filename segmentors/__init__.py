@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import difflib
 
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
 from detectors.backbones import resnet_fpn
+from segmentors.clip_trunk import ClipResNetTrunk
 from segmentors.model import PixelEmbeddingSegmenter
+
+# open_clip's OPENAI_DATASET_MEAN / _STD, the CLIP towers' input normalisation
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _seg(depth: int, embed_dim: int, fpn_channels: int, norm: str, temperature: float,
@@ -39,7 +47,28 @@ def seg_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_
     return _seg(50, embed_dim, fpn_channels, norm, temperature, backbone_weights)
 
 
-BUILDERS = {"seg_r10_fpn": seg_r10_fpn, "seg_r18_fpn": seg_r18_fpn, "seg_r50_fpn": seg_r50_fpn}
+def seg_clip_rn_fpn(embed_dim: int, *, trunk_layers: list[int], trunk_width: int,
+                    fpn_channels: int = 64, norm: str = "bn", temperature: float = 0.05,
+                    backbone_weights: str | None = None, image_mean=CLIP_MEAN,
+                    image_std=CLIP_STD) -> PixelEmbeddingSegmenter:
+    """A ResNet teacher's image tower (open_clip ``ModifiedResNet(trunk_layers,
+    trunk_width)`` without its attention pool) + FPN over layers 2-4 + embedding head.
+    tools/train_seg.py copies the teacher's tower weights in before training."""
+    if norm != "bn":
+        raise ValueError(f"seg.norm: seg_clip_rn_fpn keeps the CLIP tower's BatchNorm; set "
+                         f"seg.norm=bn (got {norm!r})")
+    if backbone_weights is not None:
+        raise ValueError("seg.backbone_weights: seg_clip_rn_fpn takes its trunk from the "
+                         "teacher; leave it unset")
+    trunk = ClipResNetTrunk(trunk_layers, trunk_width)
+    backbone = BackboneWithFPN(trunk, {"layer2": "0", "layer3": "1", "layer4": "2"},
+                               trunk.channels[1:], fpn_channels, extra_blocks=LastLevelMaxPool())
+    return PixelEmbeddingSegmenter(backbone, embed_dim, temperature, image_mean=image_mean,
+                                   image_std=image_std)
+
+
+BUILDERS = {"seg_r10_fpn": seg_r10_fpn, "seg_r18_fpn": seg_r18_fpn, "seg_r50_fpn": seg_r50_fpn,
+            "seg_clip_rn_fpn": seg_clip_rn_fpn}
 
 
 def build_segmenter(name: str, **kwargs) -> PixelEmbeddingSegmenter:
@@ -58,4 +87,4 @@ def load_student(path):
     return load(path)
 
 
-__all__ = ["BUILDERS", "PixelEmbeddingSegmenter", "build_segmenter", "load_student"]
+__all__ = ["BUILDERS", "CLIP_MEAN", "CLIP_STD", "PixelEmbeddingSegmenter", "build_segmenter", "load_student"]

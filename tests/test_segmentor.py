@@ -17,8 +17,8 @@ from tools import seg_ablation, train_seg
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["world.num_train=6", "world.num_val=3", "world.image_size=96", "world.max_objects=3",
-        f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
-        "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.dense_short_side=96",
+        f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_rn.json'}",
+        "teacher.model=tiny_rn", "teacher.pretrained=null", "teacher.dense_short_side=96",
         "train.max_iters=2", "train.batch_size=2"]
 
 
@@ -43,6 +43,39 @@ def test_logits_are_pixel_cosine_over_temperature_and_the_vocabulary_swaps():
         model.set_vocabulary(torch.randn(3, 4))
     with pytest.raises(ValueError, match="seg.name: unknown segmenter 'seg_r19_fpn'"):
         build_segmenter("seg_r19_fpn", embed_dim=8)
+
+
+def test_clip_trunk_is_the_open_clip_tower_and_loads_its_weights():
+    """seg_clip_rn_fpn's trunk computes what open_clip's ModifiedResNet computes up to layer 4,
+    with the tower's own weights (batch-norm statistics included); other towers are refused."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    from segmentors.clip_trunk import ClipResNetTrunk, load_tower, tower_shape
+
+    torch.manual_seed(0)
+    tower = ModifiedResNet(layers=[1, 2, 1, 1], output_dim=8, heads=2, image_size=64, width=16)
+    for m in tower.modules():  # non-trivial statistics and affine terms
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    tower.eval()
+    shape = tower_shape(tower)
+    assert shape == {"trunk_layers": [1, 2, 1, 1], "trunk_width": 16}
+    trunk = ClipResNetTrunk(shape["trunk_layers"], shape["trunk_width"]).eval()
+    assert trunk.channels == [64, 128, 256, 512]
+    load_tower(trunk, tower)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        want = tower.layer4(tower.layer3(tower.layer2(tower.layer1(tower.stem(x)))))
+        torch.testing.assert_close(trunk(x), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"18 tensors missing or of another shape, e\.g\. layer2\.2\."):
+        load_tower(ClipResNetTrunk([1, 3, 1, 1], 16), tower)  # one block more than the tower
+    with pytest.raises(ValueError, match="not Linear"):
+        tower_shape(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="seg.norm: seg_clip_rn_fpn keeps the CLIP tower's"):
+        build_segmenter("seg_clip_rn_fpn", embed_dim=8, norm="gn", **shape)
 
 
 def _ade_tree(root: Path, labels: np.ndarray, split: str = "training") -> Path:
@@ -228,3 +261,59 @@ def test_pixel_targets_from_the_dense_cache_equal_the_online_ones(tiny_world, mo
                         f"output_dir={tiny_world / 'dense_crop'}"])
     with pytest.raises(ValueError, match="seg.crop_size=0"):
         train_seg.run(crop, progress=False)
+
+
+def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_clip(tiny_world,
+                                                                                 tmp_path):
+    """seg.name=seg_clip_rn_fpn: the student's trunk is the ResNet teacher's tower at the start;
+    it trains, and its export (CLIP normalisation, tower shape in config.json) predicts as the
+    trained model does, in PyTorch without open_clip and in ONNX Runtime."""
+    import subprocess
+    import sys
+
+    from distill.config import ConfigError
+    from distill.engine import load_weights
+    from distill.teacher import Teacher
+    from segmentors import load_student
+    from segmentors.onnx import OnnxSegmenter
+    from tools import export
+
+    run = tmp_path / "clip_rn"  # configs/shapes/seg_base.yaml's student
+    cfg = load_config(REPO / "configs/shapes/seg_distill_pseudo.yaml",
+                      [f"world.root={tiny_world / 'world'}", *TINY, f"output_dir={run}"])
+    assert cfg.seg.name == "seg_clip_rn_fpn"
+    teacher = Teacher.from_config(cfg.teacher)
+    start = train_seg.build_student(cfg, teacher)
+    tower = teacher.model.visual.state_dict()
+    for k, v in start.backbone.body.state_dict().items():
+        torch.testing.assert_close(v, tower[k].to(v.dtype), rtol=0, atol=0)
+    torch.testing.assert_close(start.mean.flatten(), torch.tensor(teacher.mean))
+    train_seg.run(cfg, progress=False)
+    out = tmp_path / "segmenter"
+    assert export.main(["--run", str(run), "--output", str(out), "--onnx"]) == 0
+    config = json.loads((out / "config.json").read_text())["model"]
+    assert config["trunk_layers"] == [1, 1, 1, 1] and config["trunk_width"] == 16
+    model = train_seg.build_student(load_config(run / "config.yaml"), teacher).eval()
+    load_weights(model, run / "model_final.safetensors")
+    student = load_student(out)
+    model.set_vocabulary(teacher.text(student.vocabulary.names))
+    image = sorted((tiny_world / "world").glob("*/images/val/*.png"))[0]
+    pixels = np.array(Image.open(image).convert("RGB"))
+    found = student.predict(image)["labels"]
+    want = model.predict(torch.from_numpy(pixels).permute(2, 0, 1)[None])[0].numpy()
+    np.testing.assert_array_equal(found, want)
+    assert (OnnxSegmenter(out, threads=1).predict(pixels)["labels"] == found).mean() > 0.999
+    code = ("import sys\nsys.modules['open_clip'] = None\n"
+            "from segmentors import load_student\n"
+            f"print(load_student({str(out)!r}).predict({str(image)!r})['labels'].sum())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) == int(found.sum())
+    vit = load_config(REPO / "configs/shapes/seg_supervised.yaml",
+                      [f"world.root={tiny_world / 'world'}", *TINY, "teacher.model=tiny_vit",
+                       f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
+                       f"output_dir={tmp_path / 'vit'}"])
+    with pytest.raises(ConfigError, match=r"ResNet teacher's tower .*not VisionTransformer "
+                                          r"\(teacher.model: tiny_vit\)"):
+        train_seg.run(vit, progress=False)

@@ -83,13 +83,10 @@ def _run(args) -> int:
                           "config": dataclasses.asdict(cfg.teacher)},  # demo --show-teacher
               "source": {"run": str(run), "config": to_yaml(cfg)}}
     if segmenter:
-        from tools.train_seg import build_student
+        from tools.train_seg import build_student, student_kwargs
 
         model = build_student(cfg, teacher)
-        s = cfg.seg
-        config = {"task": "segmentation",
-                  "model": {"name": s.name, "fpn_channels": s.fpn_channels, "norm": s.norm,
-                            "temperature": s.temperature},
+        config = {"task": "segmentation", "model": student_kwargs(cfg, teacher),
                   "input": {"color": "RGB", "scale": "uint8 0-255 or float 0-1",
                             "mean": model.mean.flatten().tolist(),
                             "std": model.std.flatten().tolist()}, **common}

@@ -32,6 +32,7 @@ from distill.losses import DEFAULT_WEIGHTS, Criterion
 from distill.teacher import Teacher
 from distill.teacher.dense import refine_logits
 from segmentors import PixelEmbeddingSegmenter, build_segmenter
+from segmentors.clip_trunk import load_tower, tower_shape
 from segmentors.inference import random_resize_crop, segment_logits
 from tools import cli
 
@@ -66,11 +67,28 @@ def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
     return synthetic_semantic(world, "train"), synthetic_semantic(world, "val")
 
 
-def build_student(cfg: ExperimentConfig, teacher: Teacher) -> PixelEmbeddingSegmenter:
+def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
+    """``build_segmenter``'s arguments for ``cfg.seg`` (the export's ``model`` config):
+    ``seg_clip_rn_fpn`` adds the teacher tower's shape and input normalisation."""
     s = cfg.seg
-    return build_segmenter(s.name, embed_dim=teacher.embed_dim, fpn_channels=s.fpn_channels,
-                           norm=s.norm, temperature=s.temperature,
-                           backbone_weights=s.backbone_weights)
+    kwargs = {"name": s.name, "fpn_channels": s.fpn_channels, "norm": s.norm,
+              "temperature": s.temperature}
+    if s.name == "seg_clip_rn_fpn":
+        try:
+            kwargs.update(tower_shape(teacher.model.visual))
+        except ValueError as e:
+            raise ConfigError(f"{e} (teacher.model: {cfg.teacher.model})") from None
+        kwargs.update(image_mean=list(teacher.mean), image_std=list(teacher.std))
+    return kwargs
+
+
+def build_student(cfg: ExperimentConfig, teacher: Teacher) -> PixelEmbeddingSegmenter:
+    """The student of ``cfg.seg``; ``seg_clip_rn_fpn`` starts from the teacher's tower."""
+    model = build_segmenter(**student_kwargs(cfg, teacher), embed_dim=teacher.embed_dim,
+                            backbone_weights=cfg.seg.backbone_weights)
+    if cfg.seg.name == "seg_clip_rn_fpn":
+        load_tower(model.backbone.body, teacher.model.visual)
+    return model
 
 
 def teacher_temperature(teacher: Teacher) -> float:
