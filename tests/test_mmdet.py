@@ -25,7 +25,8 @@ TINY = ["world.num_train=8", "world.num_val=4", "world.image_size=96", "world.ma
         "teacher.model=tiny_vit", "teacher.model_config=configs/shapes/teacher/tiny_vit.json",
         "teacher.pretrained=null", "teacher.dense_short_side=0", "train.max_iters=2",
         "train.batch_size=2", "model.image_size=96", "model.hidden=32",
-        "model.box_batch_size_per_image=16", "model.rpn_post_nms_top_n_test=20"]
+        "model.box_batch_size_per_image=16", "model.rpn_post_nms_top_n_test=20",
+        "seg.name=seg_r10_fpn", "seg.norm=gn"]  # seg_clip_rn_fpn needs a ResNet teacher
 
 
 @pytest.fixture(scope="module")

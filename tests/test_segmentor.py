@@ -315,5 +315,6 @@ def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_cli
                        f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
                        f"output_dir={tmp_path / 'vit'}"])
     with pytest.raises(ConfigError, match=r"ResNet teacher's tower .*not VisionTransformer "
-                                          r"\(teacher.model: tiny_vit\)"):
+                                          r"\(teacher.model: tiny_vit\); with this teacher "
+                                          r"set e.g. seg.name=seg_r10_fpn seg.norm=gn"):
         train_seg.run(vit, progress=False)

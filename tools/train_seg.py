@@ -77,7 +77,8 @@ def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
         try:
             kwargs.update(tower_shape(teacher.model.visual))
         except ValueError as e:
-            raise ConfigError(f"{e} (teacher.model: {cfg.teacher.model})") from None
+            raise ConfigError(f"{e} (teacher.model: {cfg.teacher.model}); with this teacher "
+                              f"set e.g. seg.name=seg_r10_fpn seg.norm=gn") from None
         kwargs.update(image_mean=list(teacher.mean), image_std=list(teacher.std))
     return kwargs
 
