@@ -14,10 +14,6 @@ from detectors.backbones import resnet_fpn
 from segmentors.clip_trunk import ClipResNetTrunk
 from segmentors.model import PixelEmbeddingSegmenter
 
-# open_clip's OPENAI_DATASET_MEAN / _STD, the CLIP towers' input normalisation
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 def _seg(depth: int, embed_dim: int, fpn_channels: int, norm: str, temperature: float,
          backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
@@ -48,12 +44,13 @@ def seg_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_
 
 
 def seg_clip_rn_fpn(embed_dim: int, *, trunk_layers: list[int], trunk_width: int,
-                    fpn_channels: int = 64, norm: str = "bn", temperature: float = 0.05,
-                    backbone_weights: str | None = None, image_mean=CLIP_MEAN,
-                    image_std=CLIP_STD) -> PixelEmbeddingSegmenter:
+                    image_mean: list[float], image_std: list[float], fpn_channels: int = 64,
+                    norm: str = "bn", temperature: float = 0.05,
+                    backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
     """A ResNet teacher's image tower (open_clip ``ModifiedResNet(trunk_layers,
-    trunk_width)`` without its attention pool) + FPN over layers 2-4 + embedding head.
-    tools/train_seg.py copies the teacher's tower weights in before training."""
+    trunk_width)`` without its attention pool) + FPN over layers 2-4 + embedding head,
+    with the teacher's input normalisation. tools/train_seg.py copies the teacher's tower
+    weights in before training."""
     if norm != "bn":
         raise ValueError(f"seg.norm: seg_clip_rn_fpn keeps the CLIP tower's BatchNorm; set "
                          f"seg.norm=bn (got {norm!r})")
@@ -87,4 +84,4 @@ def load_student(path):
     return load(path)
 
 
-__all__ = ["BUILDERS", "CLIP_MEAN", "CLIP_STD", "PixelEmbeddingSegmenter", "build_segmenter", "load_student"]
+__all__ = ["BUILDERS", "PixelEmbeddingSegmenter", "build_segmenter", "load_student"]

@@ -75,7 +75,8 @@ def test_clip_trunk_is_the_open_clip_tower_and_loads_its_weights():
     with pytest.raises(ValueError, match="not Linear"):
         tower_shape(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="seg.norm: seg_clip_rn_fpn keeps the CLIP tower's"):
-        build_segmenter("seg_clip_rn_fpn", embed_dim=8, norm="gn", **shape)
+        build_segmenter("seg_clip_rn_fpn", embed_dim=8, norm="gn", image_mean=[0.5] * 3,
+                        image_std=[0.25] * 3, **shape)
 
 
 def _ade_tree(root: Path, labels: np.ndarray, split: str = "training") -> Path:

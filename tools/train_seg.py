@@ -85,9 +85,10 @@ def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
 
 def build_student(cfg: ExperimentConfig, teacher: Teacher) -> PixelEmbeddingSegmenter:
     """The student of ``cfg.seg``; ``seg_clip_rn_fpn`` starts from the teacher's tower."""
-    model = build_segmenter(**student_kwargs(cfg, teacher), embed_dim=teacher.embed_dim,
+    kwargs = student_kwargs(cfg, teacher)
+    model = build_segmenter(**kwargs, embed_dim=teacher.embed_dim,
                             backbone_weights=cfg.seg.backbone_weights)
-    if cfg.seg.name == "seg_clip_rn_fpn":
+    if "trunk_layers" in kwargs:
         load_tower(model.backbone.body, teacher.model.visual)
     return model
 
