@@ -56,7 +56,7 @@ class ClipResNetTrunk(nn.Module):
     def __init__(self, layers: list[int], width: int):
         super().__init__()
         if len(layers) != 4 or min(layers) < 1 or width < 2 or width % 2:
-            raise ValueError(f"seg.trunk: need 4 layer counts >= 1 and an even width, got "
+            raise ValueError(f"ClipResNetTrunk: need 4 layer counts >= 1 and an even width, got "
                              f"layers {list(layers)}, width {width}")
         half = width // 2
         self.conv1 = nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False)
