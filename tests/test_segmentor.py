@@ -13,6 +13,7 @@ from PIL import Image
 from distill.config import load_config
 from distill.data.semantic import ADE20K_CLASSES, DatasetError, ade20k
 from segmentors import build_segmenter
+from tests.parity import assert_same_label_maps
 from tools import seg_ablation, train_seg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
     assert "| n/a: stages reused |" in results.read_text()
 
 
-def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_path):
+def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_path, threads):
     import subprocess
     import sys
 
@@ -205,11 +206,12 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     assert found["labels"].shape == pixels.shape[:2]
     np.testing.assert_array_equal(found["labels"], want)
     assert set(found["present"]) <= set(found["names"]) and found["present"]
-    # ONNX Runtime gives the same label map, at the export's size and at another one
-    onnx = OnnxSegmenter(out, threads=1)
+    # ONNX Runtime gives the same label map, at the export's size and at another one, but
+    # where the two best logits tie (tests/parity.py)
+    onnx = OnnxSegmenter(out, threads=threads)
     for picture in (pixels, pixels[:64, :80].copy()):
         ref, got = student.predict(picture)["labels"], onnx.predict(picture)["labels"]
-        assert got.shape == picture.shape[:2] and (got == ref).mean() > 0.999
+        assert_same_label_maps(got, ref, student.model, picture)
     # a detector loader refuses it, naming the task
     from detectors import load_student as load_detector
     from distill.export import ExportError
@@ -265,7 +267,8 @@ def test_pixel_targets_from_the_dense_cache_equal_the_online_ones(tiny_world, mo
 
 
 def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_clip(tiny_world,
-                                                                                 tmp_path):
+                                                                                 tmp_path,
+                                                                                 threads):
     """seg.name=seg_clip_rn_fpn: the student's trunk is the ResNet teacher's tower at the start;
     it trains, and its export (CLIP normalisation, tower shape in config.json) predicts as the
     trained model does, in PyTorch without open_clip and in ONNX Runtime."""
@@ -303,7 +306,8 @@ def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_cli
     found = student.predict(image)["labels"]
     want = model.predict(torch.from_numpy(pixels).permute(2, 0, 1)[None])[0].numpy()
     np.testing.assert_array_equal(found, want)
-    assert (OnnxSegmenter(out, threads=1).predict(pixels)["labels"] == found).mean() > 0.999
+    assert_same_label_maps(OnnxSegmenter(out, threads=threads).predict(pixels)["labels"], found,
+                           student.model, pixels)
     code = ("import sys\nsys.modules['open_clip'] = None\n"
             "from segmentors import load_student\n"
             f"print(load_student({str(out)!r}).predict({str(image)!r})['labels'].sum())\n")
