@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def step():
         det.train()
-        loss = sum(criterion(det([big], [target], [distill])).values())
+        loss = sum(criterion(det([big], [target], [distill["boxes"]]),
+                             {"distill_targets": distill["embeddings"]}).values())
         loss.backward()
         det.zero_grad(set_to_none=True)
 

@@ -29,12 +29,12 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from detectors.recipe import build_student  # noqa: E402
 from distill.config import load_config  # noqa: E402
 from distill.data.coco import CocoDetection, dataset_paths  # noqa: E402
 from distill.data.vocab import STUFF_CLASSES  # noqa: E402
 from distill.engine import load_weights  # noqa: E402
 from distill.teacher import Teacher  # noqa: E402
-from tools.train import build_student  # noqa: E402
 
 
 @torch.no_grad()

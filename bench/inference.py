@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors import load_student  # noqa: E402
 from detectors.inference import teacher_on_proposals  # noqa: E402
 from detectors.onnx import OnnxDetector  # noqa: E402
-from detectors.predictor import as_image_tensor  # noqa: E402
 from distill.config import load_config  # noqa: E402
 from distill.data.coco import CocoDetection, dataset_paths, is_novel  # noqa: E402
 from distill.evaluation import OVCocoEvaluator  # noqa: E402
+from distill.export import as_image_tensor  # noqa: E402
 from distill.teacher import Teacher  # noqa: E402
-from tools import export  # noqa: E402
+from ovdistill.export import export_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     val = CocoDetection(*dataset_paths(cfg, "val"))
     images = [val.image_path(i) for i in range(min(a.images, len(val)))]  # read per call
     with tempfile.TemporaryDirectory() as tmp:
-        if export.main(["--run", a.run, "--output", f"{tmp}/student", "--onnx"]) != 0:
-            return 1
+        export_run(a.run, f"{tmp}/student", onnx=True)
         student = load_student(f"{tmp}/student")
         onnx = OnnxDetector(f"{tmp}/student", threads=torch.get_num_threads())
         teacher = Teacher.from_config(cfg.teacher)

@@ -26,7 +26,7 @@ from torchvision.models.detection import FasterRCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors import build_detector  # noqa: E402
-from detectors.backbones import resnet_fpn  # noqa: E402
+from distill.backbones import resnet_fpn  # noqa: E402
 from distill.losses import Criterion  # noqa: E402
 
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         t = time.perf_counter()
         if name == "vild":
-            losses = criterion(student(images, targets, distill))
+            losses = criterion(student(images, targets, [d["boxes"] for d in distill]),
+                               {"distill_targets": torch.cat([d["embeddings"] for d in distill])})
         else:
             losses = frcnn([im.float() / 255 for im in images], targets)
         loss = sum(losses.values())

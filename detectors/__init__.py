@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import difflib
 
-from detectors.backbones import resnet_fpn
 from detectors.vild import ViLD, build_vild
+from distill.backbones import resnet_fpn
 
 
 def _small_vild(depth: int, embed_dim: int, fpn_channels: int, norm: str,

@@ -12,7 +12,13 @@ from tqdm import tqdm
 
 from detectors.vild import ViLD, binary_masks
 from distill.data.coco import CocoDetection
+from distill.engine import to_device
 from distill.evaluation.coco import OVCocoEvaluator
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters live on (where its inputs must go)."""
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -39,7 +45,7 @@ def evaluate_detector(model: ViLD, dataset: CocoDetection, text_embeddings: torc
     model.set_vocabulary(text_embeddings, torch.as_tensor(list(novel), dtype=torch.bool))
     try:
         return _evaluate(model, dataset, novel, out_dir, batch_size, progress,
-                         masks=model.roi_heads.has_mask())
+                         masks=model.roi_heads.has_mask(), device=model_device(model))
     finally:
         model.roi_heads.text_embeddings, model.roi_heads.novel_mask = saved
         model.train(was_training)
@@ -64,7 +70,8 @@ def evaluate_teacher_on_proposals(rpn: ViLD, teacher, dataset: CocoDetection,
     was_training = rpn.training
     rpn.eval()
     try:
-        return _evaluate(predict, dataset, novel, out_dir, batch_size, progress)
+        return _evaluate(predict, dataset, novel, out_dir, batch_size, progress,
+                         device=model_device(rpn))
     finally:
         rpn.train(was_training)
 
@@ -73,8 +80,10 @@ def teacher_on_proposals(rpn: ViLD, teacher, text_embeddings: torch.Tensor,
                          temperature: float = 0.01, num_proposals: int | None = None):
     """``predict(images) -> [{boxes, scores, labels}]``: ``rpn``'s proposals (its ``num_proposals``
     best) embedded by ``teacher`` (1x + 1.5x crops), softmax of cosine / ``temperature`` over
-    ``text_embeddings`` (C, D) times objectness, then ``rpn``'s post-processing."""
-    text = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
+    ``text_embeddings`` (C, D) times objectness, then ``rpn``'s post-processing; on ``rpn``'s
+    device (the teacher runs on its own and its embeddings come over)."""
+    device = model_device(rpn)
+    text = torch.nn.functional.normalize(text_embeddings.float(), dim=-1).to(device)
     heads = rpn.roi_heads
 
     @torch.no_grad()
@@ -83,8 +92,9 @@ def teacher_on_proposals(rpn: ViLD, teacher, text_embeddings: torch.Tensor,
         embeddings = teacher.regions(images, [p["boxes"] for p in proposals], mode="crop")
         out = []
         for im, p, e in zip(images, proposals, embeddings, strict=True):
-            probs = torch.softmax(e @ text.T / temperature, dim=-1) * p["scores"][:, None]
-            probs = torch.cat([torch.zeros(len(probs), 1), probs], dim=1)  # no background
+            probs = torch.softmax(e.to(device) @ text.T / temperature, dim=-1) \
+                * p["scores"][:, None]
+            probs = torch.cat([probs.new_zeros(len(probs), 1), probs], dim=1)  # no background
             out += heads.postprocess(probs, p["boxes"], [len(p["boxes"])],
                                      [tuple(im.shape[-2:])])
         return out
@@ -94,12 +104,14 @@ def teacher_on_proposals(rpn: ViLD, teacher, text_embeddings: torch.Tensor,
 
 def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],
               out_dir: str | os.PathLike | None, batch_size: int,
-              progress: bool, masks: bool = False) -> dict[str, float]:
+              progress: bool, masks: bool = False,
+              device: torch.device | str = "cpu") -> dict[str, float]:
     """Run ``predict(images) -> [{boxes, scores, labels (1-based vocabulary index)}]`` over
     ``dataset`` and score it in the generalized setting: LVIS's federated evaluator when
     the categories carry LVIS ``frequency`` tags (novel = rare), else COCO-OV's. With
     ``masks`` the predictions also hold ``masks`` (N, 1, H, W) probabilities, scored as
-    binary masks (> 0.5) under the ``mask_`` keys."""
+    binary masks (> 0.5) under the ``mask_`` keys. Images go to ``device``, predictions come
+    back to the CPU."""
     if len(novel) != len(dataset.categories):
         raise ValueError(f"{len(novel)} novel flags for {len(dataset.categories)} categories "
                          f"of {dataset.instances_json}")
@@ -121,7 +133,7 @@ def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],
                       disable=not progress, dynamic_ncols=True):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         t = time.perf_counter()
-        results = predict([s["image"] for s in samples])
+        results = to_device(predict([s["image"].to(device) for s in samples]), "cpu")
         seconds += time.perf_counter() - t
         for s, r in zip(samples, results, strict=True):
             evaluator.add(s["image_id"], r["boxes"], r["scores"],
@@ -145,7 +157,8 @@ def write_proposals(model: ViLD, dataset: CocoDetection, path: str | os.PathLike
     ViLD's offline recipe: the RPN, trained on base-class boxes only, proposes
     (at most ``rpn_post_nms_top_n_test``, 300 by default) boxes per image with
     their objectness; ``tools/extract.py`` embeds them with the teacher
-    (``cache.proposals=<path>``). Returns the number of proposals written.
+    (``cache.proposals=<path>``). Runs on the model's device. Returns the number of
+    proposals written.
     """
     from distill.data.proposals import save_proposals
 
@@ -153,7 +166,8 @@ def write_proposals(model: ViLD, dataset: CocoDetection, path: str | os.PathLike
     for start in tqdm(range(0, len(dataset), batch_size), desc="proposals",
                       disable=not progress, dynamic_ncols=True):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        for s, p in zip(samples, model.propose([s["image"] for s in samples]), strict=True):
+        found = model.propose([s["image"].to(model_device(model)) for s in samples])
+        for s, p in zip(samples, to_device(found, "cpu"), strict=True):
             out[s["image_id"]] = (p["boxes"], p["scores"])
     save_proposals(path, out, metadata={"source": "ViLD RPN (base classes)"})
     return sum(len(b) for b, _ in out.values())

@@ -36,9 +36,9 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
-from detectors.predictor import DetectorStudent, as_image_tensor, load_student
+from detectors.predictor import DetectorStudent, load_student
 from detectors.vild import ViLD, below, binary_masks
-from distill.export import Vocabulary, onnx_session
+from distill.export import Vocabulary, as_image_tensor, onnx_session
 
 OPSET = 17
 

@@ -12,54 +12,12 @@ safetensors, never unpickled.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from detectors import build_detector
 from detectors.vild import ViLD, binary_masks
-from distill.export import Vocabulary, load_model, vocabulary_for
-
-
-def as_image_tensor(image, bgr: bool = False) -> torch.Tensor:
-    """A path, a PIL image or a numpy array (H, W, 3) uint8 -> (3, H, W) uint8 RGB tensor.
-
-    Numpy arrays are RGB unless ``bgr=True`` (as OpenCV's ``cv2.imread`` returns them);
-    grey (H, W) arrays and RGBA images are converted.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path}: not a readable image ({e})") from None
-    elif isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    elif isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"image array of shape {image.shape}: expected (H, W, 3)")
-        image = image[..., :3]
-        if bgr:
-            image = image[..., ::-1]
-        if image.dtype != np.uint8:
-            if image.dtype.kind == "f" and image.max() <= 1.0:
-                image = image * 255
-            image = np.clip(image, 0, 255).astype(np.uint8)
-    else:
-        raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, "
-                        f"a PIL image or an (H, W, 3) numpy array")
-    image = np.ascontiguousarray(image)
-    if not image.flags.writeable:  # PIL's arrays are read-only; torch wants to own one
-        image = image.copy()
-    return torch.from_numpy(image).permute(2, 0, 1)
+from distill.export import Vocabulary, as_image_tensor, load_model, vocabulary_for
 
 
 class DetectorStudent:
@@ -100,8 +58,10 @@ class DetectorStudent:
         try:
             vocab = self.vocabulary
             thresh = self.score_threshold if score_threshold is None else score_threshold
+            device = self.model.roi_heads.background.device
             with self.model.scores_at_least(thresh):
-                out = self.model([as_image_tensor(im, bgr) for im in images])
+                out = self.model([as_image_tensor(im, bgr).to(device) for im in images])
+            out = [{k: v.cpu() for k, v in det.items()} for det in out]
         finally:
             if vocabulary is not None:
                 self.set_vocabulary(saved)
@@ -119,7 +79,8 @@ class DetectorStudent:
         return results
 
 
-def load_student(path: str | os.PathLike) -> DetectorStudent:
-    """An exported detector directory (``tools/export.py``) -> :class:`DetectorStudent`."""
-    model, vocabulary, config = load_model(path, "detection", build_detector)
+def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> DetectorStudent:
+    """An exported detector directory (``tools/export.py``) -> :class:`DetectorStudent` on
+    ``device`` (images go there; what ``predict`` returns is on the CPU, as numpy)."""
+    model, vocabulary, config = load_model(path, "detection", build_detector, device)
     return DetectorStudent(model, vocabulary, config)

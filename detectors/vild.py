@@ -17,11 +17,12 @@ detection gets channel 0's probabilities, pasted at image resolution
 The vocabulary is an input: :meth:`ViLD.set_vocabulary` swaps the text
 embeddings (and which classes are novel) without touching the weights.
 
-Training forward returns what :class:`distill.losses.Criterion` needs (the
-model holds no loss code apart from torchvision's RPN):
+Training forward returns what :class:`distill.losses.Criterion` needs from the model
+(it holds no loss code apart from torchvision's RPN); the teacher's embeddings of the
+cached boxes are targets, in the same order:
 
-    outputs = model(images, targets, distill=[{"boxes": (P_i, 4), "embeddings": (P_i, D)}])
-    losses = criterion(outputs)
+    outputs = model(images, targets, distill_boxes=[(P_i, 4) per image])
+    losses = criterion(outputs, {"distill_targets": torch.cat([(P_i, D) per image])})
 
 (targets also hold ``masks`` (N, H, W) uint8 for a student with a mask head; a
 horizontal flip of an image mirrors its targets with :func:`hflip_target`.)
@@ -53,7 +54,31 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
-from distill.losses import ensemble_scores
+
+def ensemble_scores(
+    text_probs: Tensor, image_probs: Tensor, novel_mask: Tensor, lam: float = 2 / 3
+) -> Tensor:
+    """ViLD-ensemble scores: base text^lam * image^(1-lam), novel text^(1-lam) * image^lam.
+
+    text_probs, image_probs (N, C) or (N, 1 + C) with background in column 0 (torchvision
+    order); novel_mask (C,) bool over the classes. With a background column, the result
+    keeps the text branch's background probability there. Returns the shape of text_probs.
+    """
+    if text_probs.shape != image_probs.shape:
+        raise ValueError(f"text_probs {tuple(text_probs.shape)} != image_probs "
+                         f"{tuple(image_probs.shape)}")
+    num_classes = novel_mask.shape[0]
+    extra = text_probs.shape[-1] - num_classes
+    if extra not in (0, 1):
+        raise ValueError(f"probs have {text_probs.shape[-1]} columns; expected C={num_classes} "
+                         f"or C+1 with novel_mask of length C")
+    t, i = text_probs[..., extra:], image_probs[..., extra:]
+    novel = novel_mask.to(device=t.device, dtype=torch.bool)
+    w_text = torch.where(novel, 1.0 - lam, lam).to(t.dtype)
+    scores = t.pow(w_text) * i.pow(1.0 - w_text)
+    if extra:
+        scores = torch.cat([text_probs[..., :1], scores], dim=-1)
+    return scores
 
 
 class GatherRoIAlign(MultiScaleRoIAlign):
@@ -149,12 +174,12 @@ class EmbeddingRoIHeads(RoIHeads):
         classifier = torch.cat([self.background_embedding()[None], self.text_embeddings])
         return F.softmax(embeddings @ classifier.T / self.temperature, dim=-1)
 
-    def forward(self, features, proposals, image_shapes, targets=None, distill=None):
+    def forward(self, features, proposals, image_shapes, targets=None, distill_boxes=None):
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
                 proposals, targets)
-            if distill is not None:  # one pooling (and one head) pass over both box sets
-                out = self._train_with_distill(features, proposals, image_shapes, distill,
+            if distill_boxes is not None:  # one pooling (and one head) pass over both sets
+                out = self._train_with_distill(features, proposals, image_shapes, distill_boxes,
                                                labels, regression_targets)
             else:
                 out = self._train_outputs(
@@ -210,12 +235,12 @@ class EmbeddingRoIHeads(RoIHeads):
                 "background_embedding": self.background_embedding(),
                 "temperature": self.temperature}
 
-    def _train_with_distill(self, features, proposals, image_shapes, distill, labels,
+    def _train_with_distill(self, features, proposals, image_shapes, distill_boxes, labels,
                             regression_targets) -> dict:
         """Sampled RoIs and cached distillation boxes pooled in one call: per image the
         sampled ones then the cached ones (the pooler keeps the input order)."""
-        boxes = [torch.cat([p, d["boxes"].to(p.dtype)]) for p, d in
-                 zip(proposals, distill, strict=True)]
+        boxes = [torch.cat([p, d.to(p.dtype)]) for p, d in
+                 zip(proposals, distill_boxes, strict=True)]
         pooled = self.box_roi_pool(features, boxes, image_shapes)
         is_distill = torch.cat([torch.arange(len(b), device=pooled.device) >= len(p)
                                 for b, p in zip(boxes, proposals, strict=True)])
@@ -228,7 +253,6 @@ class EmbeddingRoIHeads(RoIHeads):
             out = self._train_outputs(*self.text_head(pooled[~is_distill]), labels,
                                       regression_targets)
             out["distill_embeddings"] = self.image_head(pooled[is_distill])[0]
-        out["distill_targets"] = torch.cat([d["embeddings"] for d in distill])
         return out
 
     def postprocess(self, probs: Tensor, boxes: Tensor, counts: list[int],
@@ -262,9 +286,8 @@ class ViLD(nn.Module):
 
     Images are (3, H, W) tensors, uint8 in [0, 255] or float in [0, 1]; targets
     hold ``boxes`` (N, 4) xyxy pixels and ``labels`` (N,) 1-based vocabulary
-    indices (and, with a mask head, ``masks`` (N, H, W) uint8); ``distill`` holds
-    cached proposals ``boxes`` (P, 4) in the same pixel frame and their teacher
-    ``embeddings`` (P, D).
+    indices (and, with a mask head, ``masks`` (N, H, W) uint8); ``distill_boxes`` are
+    cached proposals (P, 4) in the same pixel frame, whose embeddings ViLD-image distils.
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork,
@@ -313,8 +336,10 @@ class ViLD(nn.Module):
         return image_list, targets, original
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None,
-                distill: list[dict] | None = None):
-        """Training: dict of outputs for the criterion. Eval: detections per image
+                distill_boxes: list[Tensor] | None = None):
+        """Training: dict of outputs for the criterion (``distill_boxes``: the cached boxes
+        (P_i, 4) per image, xyxy pixels of the image as given, to embed for ViLD-image).
+        Eval: detections per image
         (``boxes``, ``scores``, ``labels``; with a mask head ``masks`` (N, 1, H, W)
         probabilities at the image's resolution)."""
         if self.training and targets is None:
@@ -324,10 +349,11 @@ class ViLD(nn.Module):
         image_list, targets, original = self._prepare(images, targets)
         features = self.backbone(image_list.tensors)
         proposals, rpn_losses = self.rpn(image_list, features, targets)
-        if distill is not None:
-            distill = [{"boxes": resize_boxes(d["boxes"].float(), o, s), "embeddings": d["embeddings"]}
-                       for d, o, s in zip(distill, original, image_list.image_sizes, strict=True)]
-        out = self.roi_heads(features, proposals, image_list.image_sizes, targets, distill)
+        if distill_boxes is not None:
+            distill_boxes = [resize_boxes(b.float(), o, s) for b, o, s in
+                             zip(distill_boxes, original, image_list.image_sizes, strict=True)]
+        out = self.roi_heads(features, proposals, image_list.image_sizes, targets,
+                             distill_boxes)
         if self.training:
             out["rpn_losses"] = rpn_losses
             return out

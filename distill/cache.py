@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from distill.data.coco import dataset_id
+
 FORMAT = 1
 ALIGN = 64  # section alignment inside a shard file, bytes
 META = "meta.json"
@@ -338,6 +340,23 @@ class EmbeddingCache:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def open_cache(cfg, teacher_fingerprint: str, instances: Path) -> EmbeddingCache:
+    """The complete cache ``cfg.cache.root/cfg.cache.name`` of ``instances``' images, written
+    by the teacher of ``teacher_fingerprint`` (checked), for training a student."""
+    path = Path(cfg.cache.root) / cfg.cache.name
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"no embedding cache at {path}: run tools/extract.py with this "
+                                "config first (cache.store_dense=true for segmenters)")
+    cache = EmbeddingCache.open(path, dataset_id=dataset_id(instances))
+    if not cache.fingerprint.startswith(teacher_fingerprint):
+        raise ValueError(f"cache {path} was written by another teacher ({cache.fingerprint[:16]}"
+                         f"...), this config's teacher is {teacher_fingerprint}")
+    if not cache.complete:
+        raise ValueError(f"cache {path} is incomplete: rerun tools/extract.py to finish it")
+    cache.verify()
+    return cache
 
 
 class CacheWriter:

@@ -52,7 +52,7 @@ from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from distill.config import OptimConfig, ScheduleConfig, TrainConfig, atomic_write
+from distill.config import ConfigError, OptimConfig, ScheduleConfig, TrainConfig, atomic_write
 
 LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
 
@@ -73,7 +73,7 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
@@ -95,6 +95,53 @@ def barrier() -> None:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``train.device`` / ``teacher.device`` -> a device: a bare ``cuda`` is this process's own
+    GPU (``LOCAL_RANK`` under torchrun, else 0)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples, nested) moved to ``device``;
+    other values as they are. A tensor already there is returned as is."""
+    if isinstance(obj, torch.Tensor):
+        device = torch.device(device)
+        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        moved = [to_device(v, device, non_blocking) for v in obj]
+        return type(obj)(moved) if isinstance(obj, list) or not hasattr(obj, "_fields") \
+            else type(obj)(*moved)
+    return obj
+
+
+def check_amp(cfg: TrainConfig, device: torch.device) -> None:
+    """``train.amp`` is for CUDA (bf16 autocast, or fp16 with a gradient scaler): refused in
+    one line elsewhere (bf16 on this project's CPUs runs about 6x slower than float32)."""
+    if not cfg.amp:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.amp=true needs a CUDA device (train.device: {cfg.device}); "
+                          f"on CPU train in float32: set train.amp=false")
+    if cfg.amp_dtype not in ("bfloat16", "float16"):
+        raise ConfigError(f"train.amp_dtype: {cfg.amp_dtype!r} (valid: bfloat16, float16)")
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel whenever a process group exists (world size 1
+    included), pinned to ``device`` on CUDA; the model itself otherwise."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    if device.type == "cuda":
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index],
+                                                         output_device=device.index)
+    return torch.nn.parallel.DistributedDataParallel(model)
 
 
 # --------------------------------------------------------------------------- seeding / RNG
@@ -272,11 +319,13 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         raise
 
 
-def save_checkpoint(output_dir, model, optimizer, scheduler, iteration: int, keep: int = 2) -> Path:
+def save_checkpoint(output_dir, model, optimizer, scheduler, iteration: int, keep: int = 2,
+                    extra: dict | None = None) -> Path:
     """Write ``checkpoints/iter_XXXXXXX`` atomically and point ``last_checkpoint`` at it.
 
     A failed write (disk full, read-only directory) raises :class:`CheckpointError` and
-    leaves the previous checkpoint as it was."""
+    leaves the previous checkpoint as it was. ``extra``: more state dicts to keep in
+    ``state.pt`` (the criterion's, the gradient scaler's), restored by :func:`load_checkpoint`."""
     root = _ckpt_root(output_dir)
     name = f"iter_{iteration:07d}"
     final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
@@ -286,7 +335,7 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, iteration: int, kee
         save_model(unwrap(model), str(tmp / "model.safetensors"))
         state = {"iteration": iteration, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                 "threads": torch.get_num_threads()}
+                 "threads": torch.get_num_threads(), **(extra or {})}
         torch.save(state, tmp / "state.pt")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -348,8 +397,10 @@ def final_weights(output_dir: str | os.PathLike) -> Path:
     return last / "model.safetensors"
 
 
-def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> int:
-    """Restore a checkpoint directory; returns the iteration it was written at."""
+def load_checkpoint(path: Path, model, optimizer=None, scheduler=None,
+                    extra: dict | None = None) -> int:
+    """Restore a checkpoint directory; returns the iteration it was written at. ``extra``:
+    name -> object with ``load_state_dict`` (what :func:`save_checkpoint` kept as ``extra``)."""
     load_weights(model, path)
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -360,6 +411,9 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> int:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
+    for name, obj in (extra or {}).items():
+        if name in state:
+            obj.load_state_dict(state[name])
     _set_rng_state(state["rng"])
     if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
         tqdm.write(f"warning: {path} was written with {state['threads']} torch threads, this run "
@@ -429,18 +483,24 @@ def train(
     cfg: TrainConfig,
     output_dir: str | os.PathLike,
     *,
+    criterion: torch.nn.Module | None = None,
     collate_fn: Callable | None = None,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     resume: bool = False,
     tensorboard: bool = True,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train ``model`` for ``cfg.max_iters`` iterations; returns the last evaluation.
+    """Train ``model`` for ``cfg.max_iters`` iterations on ``cfg.device``; returns the last
+    evaluation.
 
-    ``loss_fn(model, batch)`` returns a dict of already-weighted scalar losses,
-    summed for the backward pass. ``evaluate(model)`` (called on rank 0 with the
-    unwrapped model in eval mode) returns metrics, logged and written to
-    ``output_dir/metrics.json`` at the end.
+    Each batch from the loader is moved to the device (:func:`to_device`: every tensor in
+    it), then ``loss_fn(model, batch)`` returns a dict of already-weighted scalar losses,
+    summed for the backward pass. ``criterion`` (the module ``loss_fn`` calls, if it holds
+    state such as a queue) is moved to the device and checkpointed with the model.
+    ``evaluate(model)`` (called on rank 0 with the unwrapped model in eval mode, on the
+    device) returns metrics, logged and written to ``output_dir/metrics.json`` at the end.
+    Under a process group the model is wrapped in DDP (``device_ids`` on CUDA);
+    ``cfg.amp`` autocasts on CUDA (bf16, or fp16 with a gradient scaler).
 
     Raises :class:`NonFiniteLossError` naming the term and iteration when a loss
     is NaN/inf; nothing is written for that iteration, so the last checkpoint
@@ -448,28 +508,35 @@ def train(
     """
     output_dir = Path(output_dir)
     rank, world = init_distributed(cfg.device)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
+    check_amp(cfg, device)
     seed_all(cfg.seed)  # identical initial weights on every rank
     model.to(device).train()
+    if criterion is not None:
+        criterion.to(device).train()
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
+    dtype = getattr(torch, cfg.amp_dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dtype == torch.float16)
+    extra = {"scaler": scaler, **({"criterion": criterion} if criterion is not None else {})}
 
     start_iter = 0
     if resume:
         ckpt = last_checkpoint(output_dir)
         if ckpt is not None:
-            start_iter = load_checkpoint(ckpt, model, optimizer, scheduler)
+            start_iter = load_checkpoint(ckpt, model, optimizer, scheduler, extra)
+            if criterion is not None:
+                criterion.to(device)  # a loaded queue may arrive on the CPU
             if rank == 0:
                 tqdm.write(f"resumed from {ckpt} (iteration {start_iter})")
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    model = wrap_ddp(model, device)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(output_dir)
     barrier()
     log = MetricsLog(output_dir, start_iter, enabled=rank == 0, tensorboard=tensorboard)
 
-    amp = torch.autocast(device.type, dtype=getattr(torch, cfg.amp_dtype), enabled=cfg.amp)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=cfg.amp)
     loader = iter(build_loader(dataset, cfg, start_iter, collate_fn))
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
@@ -477,7 +544,7 @@ def train(
     t_last = time.perf_counter()
     try:
         for it in bar:
-            batch = next(loader)
+            batch = to_device(next(loader), device)
             with amp:
                 losses = loss_fn(model, batch)
             values = _reduce_losses(losses)
@@ -489,10 +556,12 @@ def train(
                         f"Last good checkpoint: {last if last else 'none written yet'}")
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            scaler.scale(total).backward()
             if cfg.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             done = it + 1
 
@@ -513,7 +582,7 @@ def train(
                         f"{k}={v:.4f}" for k, v in metrics.items()))
             if rank == 0 and (done % cfg.checkpoint_period == 0 or done == cfg.max_iters):
                 save_checkpoint(output_dir, model, optimizer, scheduler, done,
-                                cfg.keep_checkpoints)
+                                cfg.keep_checkpoints, {k: v.state_dict() for k, v in extra.items()})
             barrier()
     finally:
         bar.close()

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -207,10 +208,12 @@ def vocabulary_for(config: dict, vocabulary: Vocabulary | str | os.PathLike) -> 
     return vocabulary
 
 
-def load_model(directory: str | os.PathLike, task: str, build
+def load_model(directory: str | os.PathLike, task: str, build,
+               device: str | torch.device = "cpu"
                ) -> tuple[torch.nn.Module, Vocabulary, dict]:
-    """(model, vocabulary, config) of an exported ``task`` student; ``build(**config["model"],
-    embed_dim=D)`` makes the empty model that the weights must fit exactly."""
+    """(model on ``device``, vocabulary, config) of an exported ``task`` student;
+    ``build(**config["model"], embed_dim=D)`` makes the empty model that the weights must
+    fit exactly."""
     config, state, vocabulary = read_student(directory)
     if config.get("task") != task:
         other = {"detection": "detectors", "segmentation": "segmentors"}.get(config.get("task"))
@@ -222,11 +225,23 @@ def load_model(directory: str | os.PathLike, task: str, build
         raise ExportError(f"{Path(directory) / 'model.safetensors'}: does not fit "
                           f"{config['model'].get('name')}: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
-    return model, vocabulary, config
+    return model.to(device), vocabulary, config
+
+
+def onnx_providers(available: Sequence[str] | None = None) -> list[str]:
+    """ONNX Runtime execution providers to run with: CUDA first when this onnxruntime build
+    offers it (``onnxruntime-gpu``), always the CPU as the fallback."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in available or p == "CPUExecutionProvider"]
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session of ``path``; a missing file names how to write it."""
+    """An ONNX Runtime session of ``path`` on :func:`onnx_providers`; a missing file names
+    how to write it."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -235,7 +250,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=onnx_providers())
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -257,3 +272,43 @@ def _read_json(path: Path, fmt: str) -> dict:
         raise ExportError(f"{path}: {fmt} version {info.get('version')!r}; this ovdistill "
                           f"reads version {VERSION}")
     return info
+
+
+def as_image_tensor(image, bgr: bool = False) -> torch.Tensor:
+    """A path, a PIL image or a numpy array (H, W, 3) uint8 -> (3, H, W) uint8 RGB tensor.
+
+    Numpy arrays are RGB unless ``bgr=True`` (as OpenCV's ``cv2.imread`` returns them);
+    grey (H, W) arrays and RGBA images are converted.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+    elif isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    elif isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"image array of shape {image.shape}: expected (H, W, 3)")
+        image = image[..., :3]
+        if bgr:
+            image = image[..., ::-1]
+        if image.dtype != np.uint8:
+            if image.dtype.kind == "f" and image.max() <= 1.0:
+                image = image * 255
+            image = np.clip(image, 0, 255).astype(np.uint8)
+    else:
+        raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, "
+                        f"a PIL image or an (H, W, 3) numpy array")
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # PIL's arrays are read-only; torch wants to own one
+        image = image.copy()
+    return torch.from_numpy(image).permute(2, 0, 1)

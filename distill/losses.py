@@ -2,11 +2,15 @@
 the model.
 
 Each loss is a plain function on tensors; :class:`Criterion` (DETR-style, with a
-weight dict) reads the student's training ``outputs`` dict and returns the
-weighted losses, so an exported student carries no training code.
+weight dict) is called as ``criterion(outputs, targets)`` and returns the weighted
+losses, so an exported student carries no training code. ``outputs`` is what the model
+computes, the RoI labels and regression targets its own sampler drew included (as in
+torchvision); ``targets`` is what comes from the data or the teacher: cached teacher
+region embeddings (``distill_targets``), dense targets, pseudo-label logits, label maps.
+A key may come from either, never both.
 
-``outputs`` keys (R sampled RoIs over the batch, P cached proposals, C training
-vocabulary classes, D embedding dim):
+Keys (R sampled RoIs over the batch, P cached proposals, C training vocabulary classes,
+D embedding dim):
 
 - ``region_embeddings`` (R, D) L2-normalised student embeddings (text branch)
 - ``labels`` (R,) int64; 0 = background, k in 1..C = vocabulary class k-1
@@ -51,7 +55,6 @@ __all__ = [
     "SEG_WEIGHTS",
     "box_regression_loss",
     "build_criterion",
-    "ensemble_scores",
     "mask_loss",
     "pixel_distill_loss",
     "pseudo_label_loss",
@@ -377,7 +380,8 @@ class MissingOutputError(KeyError):
 
 
 class Criterion(nn.Module):
-    """Weighted training losses from the student's ``outputs`` dict (see module doc).
+    """Weighted training losses of the student's ``outputs`` against ``targets`` (see the
+    module doc for the keys).
 
     ``weights`` override :data:`DEFAULT_WEIGHTS` and :data:`SEG_WEIGHTS` by short name
     (``vild_text``, ``box_reg``, ``vild_image``, ``region_word``, ``objectness``,
@@ -471,7 +475,11 @@ class Criterion(nn.Module):
             return supervised_seg_loss(o["pixel_logits"], o["seg_labels"], o.get("novel_ids", ()))
         return o["rpn_losses"][f"loss_{name}"]
 
-    def forward(self, outputs: dict) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: dict | None = None) -> dict[str, Tensor]:
+        both = sorted(set(outputs) & set(targets or {}))
+        if both:
+            raise ValueError(f"{both} given both as model outputs and as targets")
+        outputs = {**outputs, **(targets or {})}
         active = [n for n, w in self.weights.items()
                   if w != 0 and not (n in _OPTIONAL and _REQUIRED[n][0] not in outputs)]
         for name in active:  # fail before computing anything
@@ -501,33 +509,3 @@ def build_criterion(
                      region_word_temperature=region_word_temperature,
                      pixel_distill_mode=pixel_distill_mode,
                      pseudo_label_threshold=pseudo_label_threshold)
-
-
-# --------------------------------------------------------------------------- inference
-
-
-def ensemble_scores(
-    text_probs: Tensor, image_probs: Tensor, novel_mask: Tensor, lam: float = 2 / 3
-) -> Tensor:
-    """ViLD-ensemble scores: base text^lam * image^(1-lam), novel text^(1-lam) * image^lam.
-
-    text_probs, image_probs (N, C) or (N, 1 + C) with background in column 0 (torchvision
-    order); novel_mask (C,) bool over the classes. With a background column, the result
-    keeps the text branch's background probability there. Returns the shape of text_probs.
-    (Used at inference; a pure function, movable to detectors/.)
-    """
-    if text_probs.shape != image_probs.shape:
-        raise ValueError(f"text_probs {tuple(text_probs.shape)} != image_probs "
-                         f"{tuple(image_probs.shape)}")
-    num_classes = novel_mask.shape[0]
-    extra = text_probs.shape[-1] - num_classes
-    if extra not in (0, 1):
-        raise ValueError(f"probs have {text_probs.shape[-1]} columns; expected C={num_classes} "
-                         f"or C+1 with novel_mask of length C")
-    t, i = text_probs[..., extra:], image_probs[..., extra:]
-    novel = novel_mask.to(device=t.device, dtype=torch.bool)
-    w_text = torch.where(novel, 1.0 - lam, lam).to(t.dtype)
-    scores = t.pow(w_text) * i.pow(1.0 - w_text)
-    if extra:
-        scores = torch.cat([text_probs[..., :1], scores], dim=-1)
-    return scores

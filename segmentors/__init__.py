@@ -10,7 +10,7 @@ import difflib
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from detectors.backbones import resnet_fpn
+from distill.backbones import resnet_fpn
 from segmentors.clip_trunk import ClipResNetTrunk
 from segmentors.model import PixelEmbeddingSegmenter
 

@@ -65,13 +65,13 @@ def slide_logits(logits_fn: LogitsFn, images: Tensor, window: int, stride: int) 
     b, _, h, w = images.shape
     ph, pw = max(h, window), max(w, window)
     padded = F.pad(images, (0, pw - w, 0, ph - h))
-    total, count = None, torch.zeros(1, 1, ph, pw)
+    total, count = None, torch.zeros(1, 1, ph, pw, device=images.device)
     for y in window_starts(ph, window, stride):
         for x in window_starts(pw, window, stride):
             crop = padded[..., y:y + window, x:x + window]
             logits = _upsampled(logits_fn, crop)
             if total is None:
-                total = torch.zeros(b, logits.shape[1], ph, pw)
+                total = logits.new_zeros(b, logits.shape[1], ph, pw)
             total[..., y:y + window, x:x + window] += logits
             count[..., y:y + window, x:x + window] += 1
     return (total / count)[..., :h, :w]

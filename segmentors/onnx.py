@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.predictor import as_image_tensor
-from distill.export import Vocabulary, onnx_session
+from distill.export import Vocabulary, as_image_tensor, onnx_session
 from segmentors.predictor import SegmenterStudent, load_student
 
 OPSET = 17

@@ -14,8 +14,7 @@ import os
 import numpy as np
 import torch
 
-from detectors.predictor import as_image_tensor
-from distill.export import Vocabulary, load_model, vocabulary_for
+from distill.export import Vocabulary, as_image_tensor, load_model, vocabulary_for
 from segmentors import build_segmenter
 from segmentors.model import PixelEmbeddingSegmenter
 
@@ -43,7 +42,8 @@ class SegmenterStudent:
             self.set_vocabulary(vocabulary)
         try:
             vocab = self.vocabulary
-            labels = self.model.predict(as_image_tensor(image, bgr)[None])[0].numpy()
+            x = as_image_tensor(image, bgr)[None].to(self.model.mean.device)
+            labels = self.model.predict(x)[0].cpu().numpy()
         finally:
             if vocabulary is not None:
                 self.set_vocabulary(saved)
@@ -52,7 +52,9 @@ class SegmenterStudent:
                 "present": [vocab.names[k] for k in np.argsort(-counts) if counts[k] > 0]}
 
 
-def load_student(path: str | os.PathLike) -> SegmenterStudent:
-    """An exported segmenter directory (``tools/export.py``) -> :class:`SegmenterStudent`."""
-    model, vocabulary, config = load_model(path, "segmentation", build_segmenter)
+def load_student(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> SegmenterStudent:
+    """An exported segmenter directory (``tools/export.py``) -> :class:`SegmenterStudent` on
+    ``device`` (the label maps ``predict`` returns are on the CPU, as numpy)."""
+    model, vocabulary, config = load_model(path, "segmentation", build_segmenter, device)
     return SegmenterStudent(model, vocabulary, config)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from detectors import build_detector
+from detectors import recipe as detection
 from distill.config import load_config
-from tools import extract, train
+from tools import extract
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,13 +108,13 @@ def test_distillation_set_keeps_proposals_at_or_above_min_objectness():
     emb = torch.eye(4)
     sample = {"image": torch.zeros(3, 8, 8), "boxes": boxes[:1], "labels": torch.tensor([1]),
               "image_id": 7}
-    every = train.DistillationSet([sample], Cache(), flip=False)[0]["distill"]
+    every = detection.DistillationSet([sample], Cache(), flip=False)[0]["distill"]
     assert torch.equal(every["boxes"], boxes)
-    kept = train.DistillationSet([sample], Cache(), flip=False, min_objectness=0.3)[0]["distill"]
+    kept = detection.DistillationSet([sample], Cache(), flip=False, min_objectness=0.3)[0]["distill"]
     assert torch.equal(kept["boxes"], boxes[[0, 1, 3]])  # 0.3 itself is kept, 0.29 is not
     assert torch.equal(kept["embeddings"], emb[[0, 1, 3]])
     torch.manual_seed(0)
-    drawn = train.DistillationSet([sample], Cache(), flip=False, distill_per_image=2,
+    drawn = detection.DistillationSet([sample], Cache(), flip=False, distill_per_image=2,
                                   min_objectness=0.3)[0]["distill"]
     assert len(drawn["boxes"]) == 2
     assert all(any(torch.equal(b, k) for k in kept["boxes"]) for b in drawn["boxes"])
@@ -154,7 +155,7 @@ def test_one_training_iteration_per_config(tiny, name, extra):
     cfg = load_config(REPO / f"configs/shapes/{name}.yaml", [
         *common, *extra, f"output_dir={out}", "train.max_iters=1", "train.batch_size=2",
         "model.image_size=96", "model.hidden=32", "model.box_batch_size_per_image=16"])
-    metrics = train.run(cfg, progress=False)
+    metrics = detection.train(cfg, progress=False)
     assert set(metrics) >= {"AP50_novel", "AP50_base", "AP50_all", "images_per_s"}
     losses = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     expected = {"loss_objectness", "loss_rpn_box_reg", "loss_box_reg"}

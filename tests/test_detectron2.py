@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import resnet
 
-from detectors.backbones import resnet_fpn
-from detectors.detectron2 import (
+from distill.backbones import resnet_fpn
+from distill.detectron2 import (
     IMAGENET_STD,
     Detectron2CheckpointError,
     read_pickle,

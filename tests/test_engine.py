@@ -105,6 +105,45 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert strip(lines("full")) == strip(lines("part"))
 
 
+def test_the_criterions_state_is_checkpointed_and_resumed(tmp_path):
+    """A criterion with state (BARON/MoCo's queue of past targets) resumes where it was: the
+    killed-and-resumed run's queue is the uninterrupted one's, bit for bit."""
+    from distill.losses import EmbeddingQueue
+
+    def run(out, queue, crash_at=None, resume=False):
+        calls = {"n": 0}
+
+        def loss_fn(model, batch):
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise Crash
+            queue.enqueue(batch[0])
+            return mse(model, batch)
+
+        train(make_model(), loss_fn, Points(), small_cfg(), out, criterion=queue, resume=resume,
+              progress=False, tensorboard=False)
+
+    full = EmbeddingQueue(size=10)
+    run(tmp_path / "full", full)
+    with pytest.raises(Crash):
+        run(tmp_path / "part", EmbeddingQueue(size=10), crash_at=13)  # after checkpoint 10
+    resumed = EmbeddingQueue(size=10)
+    run(tmp_path / "part", resumed, resume=True)
+    assert int(full.ptr) == int(resumed.ptr) == (20 * 4) % 10 and len(full) == 10
+    assert torch.equal(full.contents(), resumed.contents())
+    saved = torch.load(tmp_path / "full/checkpoints/iter_0000020/state.pt", weights_only=True)
+    assert torch.equal(saved["criterion"]["buffer"], full.buffer)
+
+
+def test_amp_on_cpu_is_refused_in_one_line(tmp_path):
+    from distill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train.amp=true needs a CUDA device \(train.device: "
+                                          r"cpu\); on CPU train in float32: set train.amp=false$"):
+        train(make_model(), mse, Points(), small_cfg(amp=True), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 

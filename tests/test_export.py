@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from detectors import load_student
+from detectors import recipe as detection
 from distill.config import load_config
 from distill.export import ExportError, Vocabulary, embed_vocabulary, parse_vocabulary
 from tests.parity import assert_same_detections, threshold_between
-from tools import demo, export, train
+from tools import demo, export
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["world.num_train=6", "world.num_val=3", "world.image_size=96", "world.max_objects=3",
@@ -31,7 +32,7 @@ def exported(tmp_path_factory):
     run = root / "run"
     cfg = load_config(REPO / "configs/shapes/vild_text.yaml",
                       [f"world.root={root / 'world'}", *TINY, f"output_dir={run}"])
-    train.run(cfg, progress=False)
+    detection.train(cfg, progress=False)
     assert export.main(["--run", str(run), "--output", str(root / "student")]) == 0
     images = sorted((root / "world").glob("*/images/val/*.png"))
     return root, run, root / "student", images
@@ -56,7 +57,7 @@ def test_export_round_trip_predicts_as_the_trained_model(exported):
     vocab = json.loads((student_dir / "vocabulary.json").read_text())
     assert len(vocab["classes"]) == 16 and sum(vocab["novel"]) == 4
     # the trained model, fed the same vocabulary, finds exactly what the export finds
-    model = train.build_student(cfg, teacher).eval()
+    model = detection.build_student(cfg, teacher).eval()
     load_weights(model, run / "model_final.safetensors")
     model.set_vocabulary(teacher.text([c[0] for c in vocab["classes"]]))
     student = load_student(student_dir)

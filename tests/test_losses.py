@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from detectors.vild import ensemble_scores
 from distill.config import LossConfig
 from distill.losses import (
     DEFAULT_WEIGHTS,
@@ -14,7 +15,6 @@ from distill.losses import (
     MissingOutputError,
     box_regression_loss,
     build_criterion,
-    ensemble_scores,
     region_word_loss,
     vild_image_loss,
     vild_text_loss,
@@ -234,6 +234,21 @@ def test_criterion_applies_weights_and_fills_queue():
     crit.eval()
     crit(outputs())
     assert crit.queue.contents().flatten().tolist() == before  # evaluation does not enqueue
+
+
+def test_criterion_takes_the_teachers_targets_apart_from_the_model_outputs():
+    """criterion(outputs, targets), as DETR's: the cached teacher embeddings come as targets
+    and give the losses the merged dict gives; a key on both sides is refused."""
+    crit = Criterion({"vild_image": 0.25})
+    o = outputs()
+    targets = {"distill_targets": o.pop("distill_targets")}
+    split = crit(o, targets)
+    assert split["loss_vild_image"].item() == pytest.approx(0.25 * 1.2, rel=1e-6)
+    assert {k: v.item() for k, v in split.items()} == {
+        k: v.item() for k, v in crit({**o, **targets}).items()}
+    with pytest.raises(ValueError, match=r"\['distill_targets'\] given both as model outputs "
+                                         r"and as targets"):
+        crit(outputs(), targets)
 
 
 def test_criterion_empty_batch_and_unannotated_images():

@@ -107,8 +107,7 @@ def test_mask_head_shapes_in_train_and_eval(world):
     assert 0 <= out["mask_targets"].min() and out["mask_targets"].max() <= 1
     assert out["mask_targets"].amax(dim=(1, 2)).min() > 0.5  # each holds its object
     # with cached distillation boxes as well
-    distill = [{"boxes": torch.tensor([[0.0, 0, 30, 30]]), "embeddings": torch.randn(1, 16)}] * 2
-    out = m(images, [_target(s) for s in samples], distill)
+    out = m(images, [_target(s) for s in samples], [torch.tensor([[0.0, 0, 30, 30]])] * 2)
     assert "distill_embeddings" in out and out["mask_logits"].shape[1:] == (1, 28, 28)
     with pytest.raises(ValueError, match="masks"):
         m(images, [{k: s[k] for k in ("boxes", "labels")} for s in samples])

@@ -1,5 +1,6 @@
 import json
 
+from ovdistill import stages as orchestration
 from tools import pipeline
 
 TINY = ["world.num_train=8", "world.num_val=4", "world.image_size=96", "world.max_objects=3",
@@ -57,8 +58,8 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
         assert f"| {label} |" in out
     saved = json.loads((tmp_path / "out/ablation.json").read_text())
     assert set(saved["seeds"]) == {"0", "1"}
-    assert set(saved["seeds"]["1"]) == set(ablation.METHODS)
-    for m in ablation.METHODS:  # the mean row is the mean of the seeds
+    assert set(saved["seeds"]["1"]) == set(orchestration.METHODS)
+    for m in orchestration.METHODS:  # the mean row is the mean of the seeds
         want = (saved["seeds"]["0"][m]["AP50_novel"] + saved["seeds"]["1"][m]["AP50_novel"]) / 2
         assert abs(saved["mean"][m]["AP50_novel"] - want) < 1e-12
     text = results.read_text()
@@ -78,7 +79,6 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
 
 
 def test_ablation_floors_hand_computed():
-    from tools import ablation
 
     def row(novel, speed=10.0):
         return {"AP50_novel": novel, "AP50_base": 0.5, "AP50_all": 0.4, "AP": 0.2,
@@ -86,6 +86,6 @@ def test_ablation_floors_hand_computed():
 
     mean = {"vild_text": row(0.10), "vild_image": row(0.2), "vild": row(0.25, 30.0),
             "vild_ensemble": row(0.24), "teacher": row(0.30, 1.0)}
-    got = {what: (round(v, 4), ok) for what, v, _, ok in ablation.floors(mean, 50 * 60)}
+    got = {what: (round(v, 4), ok) for what, v, _, ok in orchestration.ablation_floors(mean, 50 * 60)}
     assert list(got.values()) == [(2.5, True), (-1.0, False), (0.8333, True), (30.0, True),
                                   (50.0, False)]

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detectors import recipe as detection
 from distill.config import load_config
-from tools import extract, make_ov_coco, make_ov_lvis, proposals, train, train_seg
+from segmentors import recipe as segmentation
+from tools import extract, make_ov_coco, make_ov_lvis, train, train_seg
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -94,13 +96,13 @@ def _detector_steps(bench: str, tmp_path: Path) -> dict[str, dict]:
               f"cache.proposals={out / 'vild_text' / 'proposals_train.safetensors'}"]
     text = _cfg(f"configs/{bench}/vild_text.yaml", tmp_path, *common,
                 f"output_dir={out / 'vild_text'}")
-    metrics = {"vild_text": train.run(text, progress=False)}
-    proposals.write(text, "train", progress=False)
+    metrics = {"vild_text": detection.train(text, progress=False)}
+    detection.write_split_proposals(text, "train", progress=False)
     assert extract.main(["--config", str(REPO / f"configs/{bench}/extract.yaml"), *TINY, *common,
                          f"output_dir={out / 'extract'}", "--no-progress"]) == 0
     for name in ("vild", "vild_ensemble"):
         cfg = _cfg(f"configs/{bench}/{name}.yaml", tmp_path, *common, f"output_dir={out / name}")
-        metrics[name] = train.run(cfg, progress=False)
+        metrics[name] = detection.train(cfg, progress=False)
         assert (out / name / "model_final.safetensors").is_file()
     return metrics
 
@@ -137,9 +139,9 @@ def test_ade20k_configs_one_iteration_each(datasets, tmp_path, name):
                "seg.crop_size=64", "seg.window=64", "seg.stride=48")
     assert (cfg.seg.key_smoothing, cfg.seg.prompt_denoising) == (1.0, 0.5)
     if name == "teacher":
-        metrics = train_seg.teacher_baseline(cfg, progress=False)
+        metrics = segmentation.teacher_baseline(cfg, progress=False)
     else:
-        metrics = train_seg.run(cfg, progress=False)
+        metrics = segmentation.train(cfg, progress=False)
         assert (tmp_path / name / "model_final.safetensors").is_file()
     assert 0.0 <= metrics["mIoU"] <= 1.0
     assert (tmp_path / name / "eval" / "metrics.json").is_file()

@@ -12,9 +12,11 @@ from PIL import Image
 
 from distill.config import load_config
 from distill.data.semantic import ADE20K_CLASSES, DatasetError, ade20k
+from ovdistill import stages as orchestration
 from segmentors import build_segmenter
+from segmentors import recipe as segmentation
 from tests.parity import assert_same_label_maps
-from tools import seg_ablation, train_seg
+from tools import seg_ablation
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["world.num_train=6", "world.num_val=3", "world.image_size=96", "world.max_objects=3",
@@ -127,7 +129,7 @@ def test_one_training_iteration_per_config(tiny_world, name):
     out = tiny_world / name
     cfg = load_config(REPO / f"configs/shapes/{name}.yaml",
                       [f"world.root={tiny_world / 'world'}", *TINY, f"output_dir={out}"])
-    metrics = train_seg.run(cfg, progress=False)
+    metrics = segmentation.train(cfg, progress=False)
     assert set(metrics) == {"mIoU", "mIoU_base", "mIoU_novel", "hIoU", "aAcc", "images_per_s"}
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     losses = {k for k in first if k.startswith("loss_")}
@@ -144,13 +146,13 @@ def test_seg_ablation_floors_hand_computed():
     mean = {"seg_supervised": {"mIoU_novel": 0.01}, "seg_teacher": {"mIoU_novel": 0.04},
             "seg_distill": {"mIoU_novel": 0.03}, "seg_distill_pseudo": {"mIoU_novel": 0.05}}
     got = [(what.split(":")[0], round(v, 4), ok)
-           for what, v, _, ok in seg_ablation.floors(mean, 21 * 60)]
+           for what, v, _, ok in orchestration.seg_floors(mean, 21 * 60)]
     assert got == [("pixel-distilled student", 3.0, True), ("pixel-distilled student", -1.0, False),
                    ("pixel-distilled + pseudo-labels", 5.0, True),
                    ("pixel-distilled + pseudo-labels", 1.0, True),
                    ("segmentation ablation wall time (minutes)", 21.0, False)]
     mean["seg_supervised"]["mIoU_novel"] = 0.0  # 0 for base-only: any positive is infinitely more
-    assert seg_ablation.floors(mean, 60)[0][1:] == (math.inf, ">= 2", True)
+    assert orchestration.seg_floors(mean, 60)[0][1:] == (math.inf, ">= 2", True)
 
 
 def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
@@ -161,12 +163,12 @@ def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
     assert seg_ablation.main(args) == 0
     text = results.read_text()
     assert "old" not in text and text.endswith("<!-- /seg-ablation -->\nkept\n")
-    for label in seg_ablation.STAGES.values():
+    for label in orchestration.SEG_STAGES.values():
         assert f"| {label} |" in text
     assert "| pixel-distilled student: novel mIoU / base-only novel mIoU |" in text
     assert "| pixel-distilled + pseudo-labels: novel mIoU - teacher novel mIoU (points) |" in text
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
-    assert stages == sorted(seg_ablation.STAGES)
+    assert stages == sorted(orchestration.SEG_STAGES)
     teacher = json.loads(next((tmp_path / "out").glob("seg_teacher-*/eval/summary.json"))
                          .read_text())
     assert 0 <= teacher["mIoU_novel"] <= 1
@@ -188,7 +190,7 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     if not (run / "model_final.safetensors").is_file():
         cfg = load_config(REPO / "configs/shapes/seg_supervised.yaml",
                           [f"world.root={tiny_world / 'world'}", *TINY, f"output_dir={run}"])
-        train_seg.run(cfg, progress=False)
+        segmentation.train(cfg, progress=False)
     out = tmp_path / "segmenter"
     assert export.main(["--run", str(run), "--output", str(out), "--onnx"]) == 0
     student = load_student(out)
@@ -196,7 +198,7 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     assert sum(student.vocabulary.novel) == 4
     cfg = load_config(run / "config.yaml")
     teacher = Teacher.from_config(cfg.teacher)
-    model = train_seg.build_student(cfg, teacher).eval()
+    model = segmentation.build_student(cfg, teacher).eval()
     load_weights(model, run / "model_final.safetensors")
     model.set_vocabulary(teacher.text(student.vocabulary.names))
     image = sorted((tiny_world / "world").glob("*/images/val/*.png"))[0]
@@ -246,7 +248,7 @@ def test_pixel_targets_from_the_dense_cache_equal_the_online_ones(tiny_world, mo
         cfg = load_config(REPO / "configs/shapes/seg_distill.yaml",
                           [*common, f"output_dir={out}", f"seg.dense_source={source}",
                            "train.max_iters=1"])
-        train_seg.run(cfg, progress=False)
+        segmentation.train(cfg, progress=False)
         first[source] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     c, o = first["cache"], first["online"]
     assert c["loss_supervised_seg"] == o["loss_supervised_seg"]  # the same batches and flips
@@ -258,12 +260,12 @@ def test_pixel_targets_from_the_dense_cache_equal_the_online_ones(tiny_world, mo
                       [*common, "cache.name=missing", "seg.dense_source=cache",
                        f"output_dir={tiny_world / 'dense_bad'}"])
     with pytest.raises(FileNotFoundError, match="no embedding cache at .*missing"):
-        train_seg.run(bad, progress=False)
+        segmentation.train(bad, progress=False)
     crop = load_config(REPO / "configs/shapes/seg_distill.yaml",
                        [*common, "seg.dense_source=cache", "seg.crop_size=64",
                         f"output_dir={tiny_world / 'dense_crop'}"])
     with pytest.raises(ValueError, match="seg.crop_size=0"):
-        train_seg.run(crop, progress=False)
+        segmentation.train(crop, progress=False)
 
 
 def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_clip(tiny_world,
@@ -287,17 +289,17 @@ def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_cli
                       [f"world.root={tiny_world / 'world'}", *TINY, f"output_dir={run}"])
     assert cfg.seg.name == "seg_clip_rn_fpn"
     teacher = Teacher.from_config(cfg.teacher)
-    start = train_seg.build_student(cfg, teacher)
+    start = segmentation.build_student(cfg, teacher)
     tower = teacher.model.visual.state_dict()
     for k, v in start.backbone.body.state_dict().items():
         torch.testing.assert_close(v, tower[k].to(v.dtype), rtol=0, atol=0)
     torch.testing.assert_close(start.mean.flatten(), torch.tensor(teacher.mean))
-    train_seg.run(cfg, progress=False)
+    segmentation.train(cfg, progress=False)
     out = tmp_path / "segmenter"
     assert export.main(["--run", str(run), "--output", str(out), "--onnx"]) == 0
     config = json.loads((out / "config.json").read_text())["model"]
     assert config["trunk_layers"] == [1, 1, 1, 1] and config["trunk_width"] == 16
-    model = train_seg.build_student(load_config(run / "config.yaml"), teacher).eval()
+    model = segmentation.build_student(load_config(run / "config.yaml"), teacher).eval()
     load_weights(model, run / "model_final.safetensors")
     student = load_student(out)
     model.set_vocabulary(teacher.text(student.vocabulary.names))
@@ -322,4 +324,4 @@ def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_cli
     with pytest.raises(ConfigError, match=r"ResNet teacher's tower .*not VisionTransformer "
                                           r"\(teacher.model: tiny_vit\); with this teacher "
                                           r"set e.g. seg.name=seg_r10_fpn seg.norm=gn"):
-        train_seg.run(vit, progress=False)
+        segmentation.train(vit, progress=False)

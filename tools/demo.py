@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tools import cli
+from . import cli
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 NOVEL, BASE = (255, 0, 255), (0, 220, 255)
@@ -90,8 +90,8 @@ def draw(image, found: dict):
 def teacher_predictor(student, score_threshold: float):
     """``predict(path) -> found`` of the teacher on the student's proposals (needs open_clip)."""
     from detectors.inference import teacher_on_proposals
-    from detectors.predictor import as_image_tensor
     from distill.config import TeacherConfig
+    from distill.export import as_image_tensor
     from distill.teacher import Teacher
 
     info = student.config.get("teacher", {})

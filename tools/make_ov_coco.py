@@ -31,7 +31,8 @@ from distill.config import ConfigError, atomic_write
 from distill.data import roots
 from distill.data.coco import DatasetError, read_instances
 from distill.data.vocab import COCO_OV_BASE, COCO_OV_BASE_IDS, COCO_OV_NOVEL, COCO_OV_NOVEL_IDS
-from tools import cli
+
+from . import cli
 
 OV_SPLITS = {"train": "train_ov", "val": "val_ov"}  # official split -> roots.coco_paths split
 

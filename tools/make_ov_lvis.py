@@ -35,8 +35,9 @@ from pathlib import Path
 
 from distill.data import roots
 from distill.data.coco import DatasetError, read_instances
-from tools import cli
-from tools.make_ov_coco import check_distinct, summary, write_instances
+
+from . import cli
+from .make_ov_coco import check_distinct, summary, write_instances
 
 FREQUENCIES = ("f", "c", "r")  # frequent, common, rare
 NOVEL_FREQUENCIES = ("r",)

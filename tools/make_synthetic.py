@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 
 from distill.data.synthetic import generate_world, summarize
-from tools import cli
+
+from . import cli
 
 
 def main(argv: list[str] | None = None) -> int:

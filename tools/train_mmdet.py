@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from distill.config import atomic_write
-from tools import cli
+
+from . import cli
 
 
 def set_key(node, key: str, value):

@@ -11,7 +11,7 @@ teacher and cached embeddings as the native one:
 
 - ``OVDCocoDataset``: the config's train (base classes only) or val split (every class),
   class order = category-id order;
-- ``OVDResNetFPN``: the native students' ResNet + FPN (:func:`detectors.backbones.resnet_fpn`),
+- ``OVDResNetFPN``: the native students' ResNet + FPN (:func:`distill.backbones.resnet_fpn`),
   its maps as a tuple (use with ``neck=None``);
 - ``EmbeddingBBoxHead``: the native :class:`detectors.vild.EmbeddingHead` (FCs -> projection
   -> L2 norm, class-agnostic deltas); logits = cosine to the teacher's text embeddings
@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detectors.backbones import resnet_fpn
 from detectors.vild import EmbeddingHead
+from distill.backbones import resnet_fpn
 from distill.losses import box_regression_loss, vild_image_loss, vild_text_loss
 
 
@@ -120,7 +120,7 @@ class OVDCocoDataset(CocoDataset):
 
 @MODELS.register_module()
 class OVDResNetFPN(BaseModule):
-    """:func:`detectors.backbones.resnet_fpn` for mmdet: image -> tuple of FPN maps."""
+    """:func:`distill.backbones.resnet_fpn` for mmdet: image -> tuple of FPN maps."""
 
     def __init__(self, depth: int = 10, returned_layers=(2, 3, 4), fpn_channels: int = 64,
                  norm: str = "gn", weights: str | None = None, init_cfg=None):

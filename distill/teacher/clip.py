@@ -292,6 +292,12 @@ class Teacher(nn.Module):
         return next(self.model.parameters()).device
 
     @functools.cached_property
+    def temperature(self) -> float:
+        """1 / the teacher's learned logit scale (CLIP: 0.01): its own text logits are
+        cosine / temperature."""
+        return 1.0 / float(self.model.logit_scale.exp())
+
+    @functools.cached_property
     def fingerprint(self) -> str:
         """16 hex digits over everything that determines the embeddings: model name and
         config, weights (every state_dict tensor's bytes), templates, crop rule, region and
@@ -345,8 +351,8 @@ class Teacher(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
                 f"expected an RGB image (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean).to(x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).to(x.device).view(1, 3, 1, 1)
         return (x / 255.0 - mean) / std
 
     def encode_crops(self, crops: Tensor) -> Tensor:
@@ -495,7 +501,9 @@ def build_teacher(
     """Build a :class:`Teacher` from the fields of :class:`~distill.config.TeacherConfig`."""
     if unknown:
         raise TeacherError(f"unknown teacher option(s): {', '.join(sorted(unknown))}")
-    clip, model_cfg = load_clip(model, pretrained, model_config, device)
+    from distill.engine import resolve_device  # cuda -> this rank's GPU under torchrun
+
+    clip, model_cfg = load_clip(model, pretrained, model_config, str(resolve_device(device)))
     return Teacher(clip, model, model_cfg=model_cfg, templates=templates,
                    region_mode=region_mode, crop_scales=crop_scales, dense_mode=dense_mode,
                    dense_short_side=dense_short_side, batch_size=batch_size)

@@ -20,7 +20,10 @@ confidently as an object; docs/results.md measures the trade-off.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -30,9 +33,10 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from PIL import Image
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from distill.config import PretrainConfig, TeacherConfig
+from distill.config import PretrainConfig, TeacherConfig, atomic_write
 from distill.data.synthetic import World
 from distill.teacher.clip import cut_crops
 
@@ -251,3 +255,39 @@ def zero_shot_accuracy(teacher, world: World, split: str = "val", batch_images: 
     return {"top1_all": c.mean().item(), "top1_base": c[~n].mean().item(),
             "top1_novel": c[n].mean().item(), "objects_base": int((~n).sum()),
             "objects_novel": int(n.sum())}
+
+
+def pretrain_and_save(cfg, world, progress: bool, argv: list[str]) -> dict:
+    """Pretrain ``cfg.teacher`` on ``world``, write ``cfg.pretrain.output`` atomically, score it."""
+    t = time.perf_counter()
+    model = pretrain(world, cfg.teacher, cfg.pretrain, progress=progress)
+    seconds = round(time.perf_counter() - t, 1)
+    out = Path(cfg.pretrain.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, out)
+    return evaluate_and_record(cfg, world, argv, seconds)
+
+
+def evaluate_and_record(cfg, world, argv: list[str], seconds: float | None = None) -> dict:
+    """Zero-shot accuracy of the checkpoint; written to ``<checkpoint>.json`` with how it was
+    made (``argv``: the command, as words)."""
+    out = Path(cfg.pretrain.output)
+    record_path = out.with_suffix(".json")
+    from distill.teacher.clip import Teacher
+
+    teacher = Teacher.from_config(dataclasses.replace(cfg.teacher, pretrained=str(out)))
+    previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = {
+        "checkpoint": str(out),
+        "command": " ".join(argv),
+        "teacher": dataclasses.asdict(cfg.teacher),
+        "pretrain": dataclasses.asdict(cfg.pretrain),
+        "world": world.fingerprint,
+        "fingerprint": teacher.fingerprint,
+        "pretrain_seconds": seconds if seconds is not None else previous.get("pretrain_seconds"),
+        "zero_shot": zero_shot_accuracy(teacher, world),
+    }
+    atomic_write(record_path, json.dumps(record, indent=2) + "\n")
+    return record

@@ -15,6 +15,7 @@ import torch
 
 import distill.cache
 import distill.engine
+from detectors import recipe as detection
 from distill.cache import EmbeddingCache
 from distill.config import load_config
 from distill.engine import MetricsLog, last_checkpoint, load_checkpoint
@@ -145,7 +146,7 @@ def test_disk_full_mid_checkpoint_keeps_the_last_one(failing, tiny, tmp_path, mo
                             f"({intact}) is intact")
     assert last_checkpoint(run) == intact and not temporaries(run)
     cfg = load_config(run / "config.yaml")
-    model = train.build_student(cfg, Teacher.from_config(cfg.teacher))
+    model = detection.build_student(cfg, Teacher.from_config(cfg.teacher))
     assert load_checkpoint(intact, model) == int(intact.name[len("iter_"):])
     monkeypatch.undo()
 

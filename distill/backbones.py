@@ -23,7 +23,7 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
     ``norm``: "gn" (GroupNorm, for training from scratch with small batches),
     "bn" or "frozen_bn" (for ImageNet weights). ``weights``: a local torchvision
     ResNet state_dict (.pth/.safetensors) or a detectron2 model-zoo ``.pkl``
-    (detectors/detectron2.py), loaded safely; None trains from scratch.
+    (distill/detectron2.py), loaded safely; None trains from scratch.
     """
     if depth not in _CHANNELS:
         raise ValueError(f"model.depth: unsupported ResNet depth {depth} (valid: 10, 18, 34, 50)")
@@ -71,7 +71,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights not found: {path}")
     if path.suffix == ".pkl":
-        from detectors.detectron2 import torchvision_resnet_state_dict
+        from distill.detectron2 import torchvision_resnet_state_dict
 
         return torchvision_resnet_state_dict(path)
     if path.suffix == ".safetensors":

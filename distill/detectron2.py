@@ -5,7 +5,7 @@ Backbone weights from detectron2's model zoo are pickles of numpy arrays
 ``{"blobs": {...}}``). :func:`read_pickle` opens them with an unpickler that admits
 numpy arrays and plain containers only (anything else, e.g. ``os.system``, is refused
 before it runs); :func:`torchvision_resnet_state_dict` renames them to torchvision's
-ResNet keys, which ``detectors.backbones.resnet_fpn`` loads for ``model.backbone_weights``
+ResNet keys, which ``distill.backbones.resnet_fpn`` loads for ``model.backbone_weights``
 / ``seg.backbone_weights`` ending in ``.pkl``. Two naming schemes are understood:
 
 - detectron2's (``stem.conv1.weight``, ``res2.0.conv1.norm.weight``, ``res2.0.shortcut``,

@@ -1,0 +1,203 @@
+"""The detection recipe: datasets, the whole student, training and evaluation of a config.
+
+    from detectors.recipe import train, evaluate_run
+    metrics = train(load_config("configs/shapes/vild.yaml"))
+
+The training vocabulary is the train split's base categories (``split`` tag not
+"novel"); distillation targets (``loss.vild_image`` > 0) come from the cache
+written by ``tools/extract.py`` (ViLD's offline recipe: no image encoder runs
+during training; only the teacher's text encoder embeds the class names). The
+final evaluation uses every category of the val split (generalized setting).
+``tools/train.py``, ``tools/eval.py`` and ``tools/proposals.py`` are thin shells over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from detectors import ViLD, build_detector
+from detectors.inference import evaluate_detector, write_proposals
+from detectors.vild import hflip_target
+from distill.cache import EmbeddingCache, open_cache
+from distill.config import ExperimentConfig, atomic_write, save_config
+from distill.data.coco import CocoDetection, DatasetError, collate, dataset_paths
+from distill.engine import final_weights, init_distributed, load_weights, resolve_device, seed_all
+from distill.engine import train as train_loop
+from distill.losses import build_criterion
+from distill.teacher import Teacher
+
+
+class DistillationSet(torch.utils.data.Dataset):
+    """Training samples: image, targets in the base vocabulary, cached proposals + embeddings.
+
+    ``min_objectness`` > 0 keeps only the cached proposals whose RPN objectness is at
+    least that; ``distill_per_image`` > 0 then draws that many of them per step. Flips
+    (p=0.5) and draws use the global torch RNG, which the engine checkpoints, so a
+    resumed run sees the same samples.
+    """
+
+    def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True,
+                 distill_per_image: int = 0, min_objectness: float = 0.0):
+        self.data, self.cache, self.flip = data, cache, flip
+        self.distill_per_image, self.min_objectness = distill_per_image, min_objectness
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.data[i]
+        image = s["image"]
+        target = {k: s[k] for k in ("boxes", "labels", "masks") if k in s}
+        distill = None
+        if self.cache is not None:
+            rec = self.cache.get(s["image_id"])
+            distill = {"boxes": torch.as_tensor(rec["boxes"]),
+                       "embeddings": torch.as_tensor(rec["embeddings"])}
+            if self.min_objectness > 0:
+                keep = torch.as_tensor(rec["scores"]) >= self.min_objectness
+                distill = {key: v[keep] for key, v in distill.items()}
+            k = self.distill_per_image
+            if 0 < k < len(distill["boxes"]):
+                pick = torch.randperm(len(distill["boxes"]))[:k]
+                distill = {key: v[pick] for key, v in distill.items()}
+        if self.flip and torch.rand(()) < 0.5:
+            w = image.shape[-1]
+            image = image.flip(-1)
+            target = hflip_target(target, w)
+            if distill is not None:
+                distill = hflip_target(distill, w)
+        return {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
+
+
+def build_student(cfg: ExperimentConfig, teacher: Teacher) -> ViLD:
+    """The student of ``cfg.model`` for ``teacher``'s embedding size (untrained)."""
+    return build_detector(**dataclasses.asdict(cfg.model), embed_dim=teacher.embed_dim)
+
+
+def load_trained(run_dir: str | Path) -> tuple[ExperimentConfig, Teacher, ViLD]:
+    """(config, teacher, student with its final weights) of a finished run directory."""
+    from distill.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    weights = final_weights(run_dir)  # before the teacher loads: a missing run fails fast
+    teacher = Teacher.from_config(cfg.teacher)
+    model = build_student(cfg, teacher)
+    load_weights(model, weights)
+    return cfg, teacher, model
+
+
+def check_names(data: CocoDetection, what: str = "categories") -> None:
+    """The text classifier needs distinct class names: at least one, none repeated."""
+    if not data.categories:
+        raise DatasetError(f"{data.instances_json}: no {what} (an empty vocabulary)")
+    seen: dict[str, int] = {}
+    for c, name in zip(data.categories, data.names, strict=True):
+        if name.lower() in seen:
+            raise DatasetError(f"{data.instances_json}: categories {seen[name.lower()]} and "
+                               f"{c['id']} are both named '{name}'")
+        seen[name.lower()] = c["id"]
+
+
+def train_set(cfg: ExperimentConfig) -> CocoDetection:
+    """The train split in the base vocabulary (masks with ``model.mask_head``)."""
+    instances, images = dataset_paths(cfg, "train")
+    data = CocoDetection(instances, images, category_ids="base",
+                         with_masks=cfg.model.mask_head, on_error=cfg.data.on_error)
+    check_names(data, "base categories to train on")
+    if not any(data.anns):
+        raise DatasetError(f"{instances}: no annotations of the {len(data.names)} base "
+                           f"categories to train on")
+    return data
+
+
+def val_set(cfg: ExperimentConfig) -> CocoDetection:
+    """The val split, every category (generalized setting)."""
+    val = CocoDetection(*dataset_paths(cfg, "val"), on_error=cfg.data.on_error)
+    check_names(val)
+    return val
+
+
+def evaluate(model: ViLD, teacher: Teacher, val: CocoDetection, out_dir: Path | None,
+             progress: bool = True) -> dict[str, float]:
+    """Generalized-setting box AP on ``val`` (all its categories in the vocabulary), on the
+    model's device."""
+    return evaluate_detector(model, val, teacher.text(val.names), val.novel, out_dir,
+                             progress=progress)
+
+
+def training_step(criterion, distill: bool):
+    """``loss_fn(model, batch)`` for the engine: a batch of :class:`DistillationSet` samples
+    (on the training device) through the student, the cached teacher embeddings of its
+    ``distill`` boxes as targets (``distill``), into ``criterion``."""
+    def loss_fn(model, batch):
+        images, targets = [b["image"] for b in batch], [b["target"] for b in batch]
+        if not distill:
+            return criterion(model(images, targets))
+        outputs = model(images, targets, [b["distill"]["boxes"] for b in batch])
+        return criterion(outputs, {
+            "distill_targets": torch.cat([b["distill"]["embeddings"] for b in batch])})
+    return loss_fn
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
+          progress: bool = True) -> dict[str, float]:
+    """Train ``cfg`` (unless ``eval_only``), evaluate, write ``output_dir/eval``; returns
+    metrics. Rerunning with ``resume`` continues from the last checkpoint."""
+    out = Path(cfg.output_dir)
+    val = val_set(cfg)  # data problems fail before the teacher loads
+    data = None if eval_only else train_set(cfg)
+    init_distributed(cfg.train.device)  # first: under torchrun the teacher takes its rank's GPU
+    teacher = Teacher.from_config(cfg.teacher)
+    seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
+    model = build_student(cfg, teacher)
+    if eval_only:
+        load_weights(model, final_weights(out))
+        model.to(resolve_device(cfg.train.device))
+    else:
+        model.set_vocabulary(teacher.text(data.names))
+        instances, _ = dataset_paths(cfg, "train")
+        cache = open_cache(cfg, teacher.fingerprint, instances) if cfg.loss.vild_image > 0 \
+            else None
+        save_config(cfg, out / "config.yaml")
+        if data.skipped or val.skipped:
+            atomic_write(out / "skipped.json", json.dumps(
+                {"train": data.skipped, "val": val.skipped}, indent=1) + "\n")
+            print(f"data.on_error=skip: left out {len(data.skipped)} train and "
+                  f"{len(val.skipped)} val records or images, listed in {out / 'skipped.json'}")
+        criterion = build_criterion(**dataclasses.asdict(cfg.loss))
+
+        loss_fn = training_step(criterion, distill=cache is not None)
+
+        periodic = (lambda m: evaluate(m, teacher, val, None, False)) if cfg.train.eval_period \
+            else None
+        samples = DistillationSet(data, cache, distill_per_image=cfg.loss.distill_per_image,
+                                  min_objectness=cfg.loss.distill_min_objectness)
+        train_loop(model, loss_fn, samples, cfg.train, out, criterion=criterion,
+                   collate_fn=collate, evaluate=periodic, resume=resume, progress=progress)
+    metrics = evaluate(model, teacher, val, out / "eval", progress)
+    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def write_split_proposals(cfg: ExperimentConfig, split: str = "train",
+                          output: str | Path | None = None, progress: bool = True) -> Path:
+    """The trained RPN of ``cfg.output_dir`` on every image of ``split`` -> its top
+    ``model.rpn_post_nms_top_n_test`` boxes per image with objectness, in ``output``
+    (default ``output_dir/proposals_<split>.safetensors``); returns the path."""
+    out = Path(cfg.output_dir)
+    path = Path(output) if output else out / f"proposals_{split}.safetensors"
+    weights = final_weights(out)  # before loading the teacher: a missing run fails fast
+    model = build_student(cfg, Teacher.from_config(cfg.teacher))
+    load_weights(model, weights)
+    model.to(resolve_device(cfg.train.device))
+    t = time.perf_counter()
+    n = write_proposals(model, CocoDetection(*dataset_paths(cfg, split)), path,
+                        progress=progress)
+    print(f"proposals: {n} boxes written to {path} in {time.perf_counter() - t:.0f} s")
+    return path

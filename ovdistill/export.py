@@ -1,0 +1,116 @@
+"""Exporting a trained run (detector or segmenter) as a standalone student directory.
+
+``model.safetensors``, ``config.json``, ``vocabulary.json`` and
+``text_embeddings.safetensors`` (distill/export.py), and ``model.onnx`` when asked; loading
+the export needs torch and torchvision only. ``tools/export.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from detectors import recipe as detection
+from distill.config import load_config
+from distill.engine import load_weights
+from distill.export import embed_vocabulary, parse_vocabulary, write_student
+from distill.teacher import Teacher
+from segmentors import recipe as segmentation
+
+SCORE_THRESHOLD = 0.3  # predict()'s default threshold, recorded in config.json
+
+
+def is_segmenter_run(run: Path) -> bool:
+    """A run of tools/train_seg.py (its weights hold a pixel head, no RoI heads)."""
+    from safetensors import safe_open
+
+    weights = run / "model_final.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (train the run to the end first)")
+    with safe_open(str(weights), "pt") as f:
+        return not any(k.startswith("roi_heads.") for k in f.keys())
+
+
+def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] | None = None,
+               vocabulary_only: bool = False, onnx: bool = False) -> Path:
+    """Export the training run ``run`` (detector or segmenter) into the directory ``output``:
+    weights, config, vocabulary (``vocabulary``: a names file or comma-separated names, default
+    the val classes) and, with ``onnx``, ``model.onnx``; ``vocabulary_only`` writes just the
+    vocabulary files. Returns ``output``."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run / 'config.yaml'}: missing (--run takes a training "
+                                f"output directory)")
+    cfg = load_config(run / "config.yaml")
+    segmenter = is_segmenter_run(run)
+    teacher = Teacher.from_config(cfg.teacher)
+    names, novel_flags, train_names = _classes(cfg, segmenter)
+    if vocabulary is None:
+        classes, novel = [[n] for n in names], novel_flags
+    else:
+        classes = parse_vocabulary(vocabulary)
+        novel = [not any(n.lower() in train_names for n in c) for c in classes]
+    vocab = embed_vocabulary(teacher, classes, novel)
+    out = Path(output)
+    if vocabulary_only:
+        vocab.save(out)
+        print(f"vocabulary of {len(vocab)} classes written to {out}")
+        return out
+    common = {"embed_dim": teacher.embed_dim,
+              "teacher": {"model": cfg.teacher.model, "fingerprint": teacher.fingerprint,
+                          "config": dataclasses.asdict(cfg.teacher)},  # demo --show-teacher
+              "source": {"run": str(run), "config": to_yaml(cfg)}}
+    if segmenter:
+        model = segmentation.build_student(cfg, teacher)
+        config = {"task": "segmentation", "model": segmentation.student_kwargs(cfg, teacher),
+                  "input": {"color": "RGB", "scale": "uint8 0-255 or float 0-1",
+                            "mean": model.mean.flatten().tolist(),
+                            "std": model.std.flatten().tolist()}, **common}
+    else:
+        model = detection.build_student(cfg, teacher)
+        model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items()
+                     if k != "backbone_weights"}  # the weights are in model.safetensors
+        config = {
+            "task": "detection", "model": model_cfg,
+            "input": {"color": "RGB", "scale": "uint8 0-255 or float 0-1",
+                      "mean": list(model.transform.image_mean),
+                      "std": list(model.transform.image_std), "size": cfg.model.image_size},
+            "thresholds": {"score": SCORE_THRESHOLD, "nms": model.roi_heads.nms_thresh,
+                           "detections_per_image": model.roi_heads.detections_per_img},
+            **common}
+        config["teacher"]["temperature"] = cfg.model.temperature
+    load_weights(model, run / "model_final.safetensors")
+    write_student(out, model.state_dict(), config, vocab)
+    if onnx:
+        if segmenter:
+            from segmentors import load_student
+            from segmentors.onnx import export_onnx
+        else:
+            from detectors import load_student
+            from detectors.onnx import export_onnx
+        export_onnx(load_student(out), out / "model.onnx")
+    print(f"{config['task']} student {config['model']['name']} with {len(vocab)} classes "
+          f"({sum(vocab.novel)} novel) written to {out}")
+    return out
+
+
+def _classes(cfg, segmenter: bool) -> tuple[list[str], list[bool], set[str]]:
+    """(val class names, their novel flags, lower-cased training class names)."""
+    if segmenter:
+        train, val = segmentation.datasets(cfg)
+        return (list(val.classes), list(val.novel),
+                {c.lower() for c, n in zip(train.classes, train.novel, strict=True) if not n})
+    from distill.data.coco import CocoDetection, dataset_paths
+
+    val = CocoDetection(*dataset_paths(cfg, "val"))
+    train = CocoDetection(*dataset_paths(cfg, "train"))
+    return (val.names, val.novel,
+            {c["name"].lower() for c in train.categories if c.get("split") != "novel"})
+
+
+def to_yaml(cfg) -> str:
+    import yaml
+
+    from distill.config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

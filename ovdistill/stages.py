@@ -1,0 +1,444 @@
+"""Orchestration of the embedded experiments: the main job and the two ablations.
+
+The main job (``tools/pipeline.py``) chains the stages on the embedded world: the world,
+the tiny teacher, ViLD-text (whose RPN proposes for the rest), proposals, the teacher's
+region cache, ViLD, and the pixel-distilled segmenter. The ViLD ablation
+(``tools/ablation.py``) runs every detection student and the teacher on proposals per world
+seed; the segmentation ablation (``tools/seg_ablation.py``) three student segmenters and
+the teacher. Each stage lives in ``<root>/<stage>-<hash of its resolved config>`` and is
+reused when done, so changing a setting reruns that stage and what follows, and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from detectors import recipe as detection
+from detectors.inference import evaluate_teacher_on_proposals
+from distill.config import ExperimentConfig, atomic_write, load_config, save_config, to_dict
+from distill.data.coco import CocoDetection, dataset_paths
+from distill.data.synthetic import World, generate_world, summarize
+from distill.extraction import extract
+from distill.teacher import Teacher
+from distill.teacher.pretrain import pretrain_and_save, zero_shot_accuracy
+from segmentors import recipe as segmentation
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+METHODS = ["vild_text", "vild_image", "vild", "vild_ensemble", "teacher"]
+MARK_BEGIN, MARK_END = "<!-- ablation -->", "<!-- /ablation -->"
+SEG_STAGES = {"seg_supervised": "base-only student", "seg_distill": "pixel-distilled student",
+          "seg_distill_pseudo": "pixel-distilled + pseudo-labels",
+          "seg_teacher": "teacher (MaskCLIP, zero-shot)"}
+SEG_MARKS = ("<!-- seg-ablation -->", "<!-- /seg-ablation -->")
+SEG_KEYS = ("mIoU_base", "mIoU_novel", "hIoU", "mIoU", "images_per_s")
+
+
+# --------------------------------------------------------------------------- the main job
+
+
+def teacher_stage(cfg: ExperimentConfig, world: World, progress: bool) -> tuple[Teacher, dict]:
+    """Load the tiny teacher (pretraining it first if its checkpoint is missing); score it."""
+    t = time.perf_counter()
+    ckpt = Path(cfg.teacher.pretrained) if cfg.teacher.pretrained else None
+    info: dict = {"checkpoint": str(ckpt) if ckpt else None, "pretrained_now": False}
+    if ckpt is not None and not ckpt.is_file() and cfg.teacher.model_config:
+        print(f"teacher checkpoint {ckpt} missing: pretraining it (<= 10 min)")
+        cfg_pre = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain,
+                                                                        output=str(ckpt)))
+        pretrain_and_save(cfg_pre, world, progress, ["python", "-m", "tools.pipeline"])
+        info["pretrained_now"] = True
+    teacher = Teacher.from_config(cfg.teacher)
+    record = ckpt.with_suffix(".json") if ckpt else None
+    saved = json.loads(record.read_text()) if record and record.is_file() else {}
+    if saved.get("fingerprint") == teacher.fingerprint and saved.get("world") == world.fingerprint:
+        accuracy = saved["zero_shot"]  # measured when the checkpoint was written
+    else:
+        accuracy = zero_shot_accuracy(teacher, world)
+    info.update(fingerprint=teacher.fingerprint, zero_shot=accuracy,
+                seconds=round(time.perf_counter() - t, 1))
+    print(f"teacher {cfg.teacher.model} ({teacher.fingerprint}): zero-shot top-1 on val object "
+          f"crops: all {accuracy['top1_all']:.3f}, base {accuracy['top1_base']:.3f}, "
+          f"novel {accuracy['top1_novel']:.3f}")
+    return teacher, info
+
+
+STUDENTS = {name: CONFIGS / "shapes" / f"{name}.yaml"
+            for name in ("vild_text", "vild_image", "vild", "vild_ensemble")}
+CACHED_PROPOSALS = 32  # per training image: the RPN's best (after NMS), embedded by the teacher
+LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
+          "vild_ensemble": "ViLD-ensemble", "teacher": "teacher on proposals"}
+
+
+def _file_sha(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def stage_dir(root: Path, name: str, cfg: ExperimentConfig,
+               unread: tuple[str, ...] = ("seg",)) -> Path:
+    """``root/<name>-<hash>`` over the resolved config (less the ``unread`` sections: no
+    detector stage reads ``seg``) and the teacher checkpoint's bytes (a retrained teacher
+    at the same path must not reuse stages made with the old one)."""
+    skip = ("name", "output_dir", *unread)
+    spec = {k: v for k, v in to_dict(cfg).items() if k not in skip}
+    spec["teacher_sha256"] = _file_sha(cfg.teacher.pretrained)
+    digest = hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return root / f"{name}-{digest}"
+
+
+def student_stage(name: str, overrides: list[str], root: Path, progress: bool,
+                  extra: list[str] = ()) -> tuple[Path, dict]:
+    """Train the student of ``STUDENTS[name]`` (or reuse it) and evaluate it."""
+    cfg = load_config(STUDENTS[name], [*overrides, *extra])
+    out = stage_dir(root, name, cfg)
+    summary = out / "eval" / "summary.json"
+    if summary.is_file():
+        print(f"{name}: reusing {out}")
+        return out, {**json.loads(summary.read_text()), "reused": True}
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    t = time.perf_counter()
+    metrics = detection.train(cfg, resume=True, progress=progress)  # resumes a killed run
+    metrics["train_eval_seconds"] = round(time.perf_counter() - t, 1)
+    atomic_write(summary, json.dumps(metrics, indent=2) + "\n")
+    return out, metrics
+
+
+def proposals_stage(rpn_dir: Path, progress: bool) -> Path:
+    """Top-300 class-agnostic proposals of the ViLD-text RPN on every training image."""
+    path = rpn_dir / "proposals_train.safetensors"
+    if path.is_file():
+        return path
+    return detection.write_split_proposals(load_config(rpn_dir / "config.yaml"), "train", path,
+                                          progress)
+
+
+def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list[str]:
+    """Embed the proposals with the teacher; returns the cache overrides for the student."""
+    digest = hashlib.sha256(proposals.read_bytes()).hexdigest()[:8]
+    cache = [f"cache.proposals={proposals}", f"cache.name=shapes_train_rpn-{digest}",
+             f"cache.num_proposals={CACHED_PROPOSALS}"]
+    extract(load_config(CONFIGS / "shapes" / "extract.yaml", [*overrides, *cache]),
+            progress=progress)
+    return cache
+
+
+def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
+    """ViLD's baseline: the teacher classifies the ViLD-text RPN's proposals on the val split,
+    as many per image as a student's RoI heads score (``model.rpn_post_nms_top_n_test``)."""
+    num_proposals = load_config(rpn_dir / "config.yaml").model.rpn_post_nms_top_n_test
+    summary = rpn_dir / f"teacher_on_{num_proposals}_proposals" / "summary.json"
+    if summary.is_file():
+        print(f"teacher on proposals: reusing {summary.parent}")
+        return {**json.loads(summary.read_text()), "reused": True}
+    cfg, teacher, rpn = detection.load_trained(rpn_dir)
+    val = CocoDetection(*dataset_paths(cfg, "val"))
+    novel = val.novel
+    metrics = evaluate_teacher_on_proposals(rpn, teacher, val, teacher.text(val.names), novel,
+                                            summary.parent, temperature=cfg.model.temperature,
+                                            num_proposals=num_proposals, progress=progress)
+    atomic_write(summary, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def run_world(overrides: list[str], root: Path, progress: bool, students: list[str],
+              teacher_baseline: bool = False) -> dict[str, dict]:
+    """Every stage on one world: ViLD-text (and its RPN), proposals, cache, then ``students``.
+
+    Returns metrics per method (``vild_text``, the others of ``students``, and
+    ``teacher`` with ``teacher_baseline``).
+    """
+    rpn_dir, vild_text = student_stage("vild_text", overrides, root, progress)
+    results = {"vild_text": vild_text}
+    proposals = proposals_stage(rpn_dir, progress)
+    cache = extract_stage(proposals, overrides, progress)
+    for name in students:
+        if name != "vild_text":
+            results[name] = student_stage(name, overrides, root, progress, cache)[1]
+    if teacher_baseline:
+        results["teacher"] = teacher_stage_on_proposals(rpn_dir, progress)
+    return results
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| method | novel AP50 | base AP50 | all AP50 | AP | images/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, m in rows.items():
+        lines.append(f"| {LABELS.get(name, name)} | {100 * m['AP50_novel']:.1f} | "
+                     f"{100 * m['AP50_base']:.1f} | {100 * m['AP50_all']:.1f} | "
+                     f"{100 * m['AP']:.1f} | {m['images_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main_job(cfg: ExperimentConfig, overrides: list[str], progress: bool = True) -> dict:
+    """The main job (``tools/pipeline.py``): world, teacher, ViLD-text, proposals, cache,
+    ViLD, the pixel-distilled segmenter; prints the tables, writes
+    ``output_dir/pipeline.json`` and returns its content. ``overrides`` reach every stage."""
+    out = Path(cfg.output_dir)
+    save_config(cfg, out / "config.yaml")
+    summary: dict = {"config": str(out / "config.yaml")}
+
+    t = time.perf_counter()
+    world = generate_world(cfg.world, progress=progress)
+    print(summarize(world))
+    summary["world"] = {"path": str(world.root), "seconds": round(time.perf_counter() - t, 2)}
+
+    _, summary["teacher"] = teacher_stage(cfg, world, progress)
+
+    # the user's overrides reach every stage; the stage files set the rest
+    summary["students"] = run_world(list(overrides), out, progress, ["vild_text", "vild"])
+    box_table = table(summary["students"])
+    summary["table"] = box_table
+
+    # the pixel-distilled student segmenter (the segmentation ablation's stage, shared with it)
+    seg = seg_stage("seg_distill", list(overrides), out / "seg", progress)
+    summary["segmenter"] = seg
+    summary["seg_table"] = seg_table = (
+        "| method | base mIoU | novel mIoU | all mIoU | images/s |\n|---|---:|---:|---:|---:|\n"
+        f"| pixel-distilled student | {100 * seg['mIoU_base']:.1f} | "
+        f"{100 * seg['mIoU_novel']:.1f} | {100 * seg['mIoU']:.1f} | {seg['images_per_s']:.1f} |")
+    print("\nbox AP on the val split, generalized setting (all classes in the vocabulary):")
+    print(box_table)
+    print("\nsegmentation mIoU on the val split (every object and stuff class named):")
+    print(seg_table)
+
+    atomic_write(out / "pipeline.json", json.dumps(summary, indent=2) + "\n")
+    print(f"results: {out / 'pipeline.json'}")
+    return summary
+
+
+# --------------------------------------------------------------------------- the ViLD ablation
+
+
+def mean_rows(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Mean of every metric over the seeds, per method."""
+    methods = next(iter(per_seed.values())).keys()
+    return {m: {k: statistics.fmean(r[m][k] for r in per_seed.values())
+                for k in ("AP50_novel", "AP50_base", "AP50_all", "AP", "images_per_s")}
+            for m in methods}
+
+
+def ablation_floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, float, str, bool]]:
+    """(what, value, floor, pass) for each floor of the ablation, on the means over seeds."""
+    novel = {m: r["AP50_novel"] for m, r in mean.items()}
+    speed = mean["vild"]["images_per_s"] / max(mean["teacher"]["images_per_s"], 1e-9)
+    return [
+        ("ViLD novel AP50 / ViLD-text novel AP50", novel["vild"] / max(novel["vild_text"], 1e-9),
+         ">= 2", novel["vild"] >= 2 * novel["vild_text"]),
+        ("ViLD-ensemble novel AP50 - ViLD novel AP50 (points)",
+         100 * (novel["vild_ensemble"] - novel["vild"]), ">= 0",
+         novel["vild_ensemble"] >= novel["vild"]),
+        ("ViLD novel AP50 / teacher-on-proposals novel AP50",
+         novel["vild"] / max(novel["teacher"], 1e-9), ">= 0.8",
+         novel["vild"] >= 0.8 * novel["teacher"]),
+        ("ViLD images/s / teacher-on-proposals images/s", speed, ">= 20", speed >= 20),
+        ("ablation wall time (minutes)", seconds / 60, "<= 45", seconds <= 45 * 60),
+    ]
+
+
+def reused(per_seed: dict[int, dict[str, dict]]) -> list[str]:
+    """``seed/method`` of every stage this run took from an earlier one."""
+    return [f"{seed}/{m}" for seed, rows in per_seed.items() for m, r in rows.items()
+            if r.get("reused")]
+
+
+def ablation_report(per_seed: dict[int, dict[str, dict]], seconds: float, command: str) -> str:
+    """The markdown section: mean table, per-seed tables, floors."""
+    mean = mean_rows(per_seed)
+    seeds = ", ".join(str(s) for s in per_seed)
+    earlier = reused(per_seed)
+    wall = f"wall time {seconds / 60:.1f} min on this machine"
+    if earlier:
+        wall += f", with {len(earlier)} stage(s) taken from earlier runs"
+    lines = [f"Command: `{command}`", "",
+             f"Box AP on the val split of the embedded world, generalized setting (all 16 "
+             f"object classes in the vocabulary), mean over world seeds {seeds}; {wall}.",
+             "", table(mean), ""]
+    if len(per_seed) > 1:
+        for seed, rows in per_seed.items():
+            lines += [f"World seed {seed}:", "", table(rows), ""]
+    lines += ["| floor | value | target | |", "|---|---:|---|---|"]
+    for what, value, target, ok in ablation_floors(mean, seconds):
+        verdict = "PASS" if ok else "FAIL"
+        if what.startswith("ablation wall time") and earlier:
+            verdict = "n/a: stages reused"
+        lines.append(f"| {what} | {value:.2f} | {target} | {verdict} |")
+    if earlier:
+        lines += ["", f"Reused from earlier runs (their own time not counted above): "
+                      f"{', '.join(earlier)}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str, marks: tuple[str, str] = (MARK_BEGIN, MARK_END)
+                  ) -> None:
+    """Replace the text between the ``marks`` of ``path`` (appended when absent)."""
+    begin, end = marks
+    text = path.read_text() if path.is_file() else "# Results\n"
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write(path, text)
+
+
+def run_seeds(fn, overrides: list[list[str]], out: Path, progress: bool,
+              jobs: int | None = None) -> list:
+    """``fn(overrides_i, out, progress)`` for each seed's overrides, ``jobs`` at a time (default
+    one per core) in spawned processes of cores / jobs threads; progress bars only alone."""
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(overrides)))
+    if jobs == 1:
+        return [fn(o, out, progress) for o in overrides]
+    print(f"running {len(overrides)} seeds, {jobs} at a time, {max(1, cores // jobs)} "
+          f"thread(s) each")
+    with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
+                             initializer=_set_threads, initargs=(max(1, cores // jobs),)) as pool:
+        return list(pool.map(fn, overrides, [out] * len(overrides),
+                             [False] * len(overrides)))
+
+
+def _set_threads(n: int) -> None:
+    """Worker set-up: ``n`` torch threads; lines reach a redirected stdout as printed."""
+    import torch
+
+    torch.set_num_threads(n)
+    sys.stdout.reconfigure(line_buffering=True)
+
+
+def ablation_seed(overrides: list[str], out: Path, progress: bool) -> dict[str, dict]:
+    """Every stage of one world seed (the last override names it)."""
+    print(f"\n=== {overrides[-1]} ===", flush=True)
+    return run_world(overrides, out, progress, METHODS[:-1], teacher_baseline=True)
+
+
+def ablation(cfg: ExperimentConfig, overrides: list[str], seeds: list[int], command: str,
+             results: str | None = None, jobs: int | None = None, progress: bool = True) -> dict:
+    """The ViLD ablation (``tools/ablation.py``) over world ``seeds``: prints the report, writes
+    ``output_dir/ablation.json`` and, with ``results``, the report into that markdown file."""
+    out = Path(cfg.output_dir)
+    save_config(cfg, out / "ablation_config.yaml")
+    t = time.perf_counter()
+    rows = run_seeds(ablation_seed, [[*overrides, f"world.seed={s}"] for s in seeds], out,
+                     progress, jobs)
+    seconds = time.perf_counter() - t
+    per_seed = dict(zip(seeds, rows, strict=True))
+    section = ablation_report(per_seed, seconds, command)
+    print("\n" + section)
+    atomic_write(out / "ablation.json", json.dumps(
+        {"command": command, "seconds": round(seconds, 1), "seeds": per_seed,
+         "mean": mean_rows(per_seed)}, indent=2) + "\n")
+    if results:
+        write_section(Path(results), section)
+        print(f"table written to {results}")
+    return per_seed
+
+
+# ------------------------------------------------------------------ the segmentation ablation
+
+
+def seg_stage(name: str, overrides: list[str], root: Path, progress: bool) -> dict:
+    """Train and evaluate (or reuse) one stage; returns its metrics."""
+    cfg = load_config(CONFIGS / "shapes" / f"{name}.yaml", overrides)
+    out = stage_dir(root, name, cfg, unread=())
+    summary = out / "eval" / "summary.json"
+    if summary.is_file():
+        print(f"{name}: reusing {out}", flush=True)
+        return {**json.loads(summary.read_text()), "reused": True}
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    t = time.perf_counter()
+    if name == "seg_teacher":
+        metrics = segmentation.teacher_baseline(cfg, progress)
+    else:
+        metrics = segmentation.train(cfg, resume=True, progress=progress)
+    metrics["seconds"] = round(time.perf_counter() - t, 1)
+    atomic_write(summary, json.dumps(metrics, indent=2) + "\n")
+    print(f"{name} ({overrides[-1] if overrides else ''}): novel mIoU "
+          f"{metrics['mIoU_novel']:.3f} in {metrics['seconds']:.0f} s", flush=True)
+    return metrics
+
+
+def seg_seed(overrides: list[str], root: Path, progress: bool) -> dict[str, dict]:
+    return {name: seg_stage(name, overrides, root, progress) for name in SEG_STAGES}
+
+
+def seg_table(rows: dict[str, dict]) -> str:
+    lines = ["| method | base mIoU | novel mIoU | harmonic | all mIoU | images/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, m in rows.items():
+        lines.append(f"| {SEG_STAGES[name]} | {100 * m['mIoU_base']:.1f} | "
+                     f"{100 * m['mIoU_novel']:.1f} | {100 * m['hIoU']:.1f} | "
+                     f"{100 * m['mIoU']:.1f} | {m['images_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def seg_floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, float, str, bool]]:
+    """Issue floors for each distilled student: novel mIoU >= 2x the base-only student's
+    and >= the teacher's; the whole ablation <= 20 minutes."""
+    b, t = (mean[k]["mIoU_novel"] for k in ("seg_supervised", "seg_teacher"))
+    rows = []
+    for name in ("seg_distill", "seg_distill_pseudo"):
+        d = mean[name]["mIoU_novel"]
+        ratio = d / b if b > 0 else (math.inf if d > 0 else 0.0)
+        rows += [(f"{SEG_STAGES[name]}: novel mIoU / base-only novel mIoU", ratio, ">= 2",
+                  d > 0 and d >= 2 * b),
+                 (f"{SEG_STAGES[name]}: novel mIoU - teacher novel mIoU (points)", 100 * (d - t),
+                  ">= 0", d >= t)]
+    return rows + [("segmentation ablation wall time (minutes)", seconds / 60, "<= 20",
+                    seconds <= 20 * 60)]
+
+
+def seg_report(per_seed: dict[int, dict[str, dict]], seconds: float, command: str) -> str:
+    mean = {n: {k: statistics.fmean(r[n][k] for r in per_seed.values()) for k in SEG_KEYS}
+            for n in SEG_STAGES}
+    earlier = [f"{s}/{n}" for s, rows in per_seed.items() for n, r in rows.items()
+               if r.get("reused")]
+    wall = f"wall time {seconds / 60:.1f} min on this machine"
+    if earlier:
+        wall += f", with {len(earlier)} stage(s) taken from earlier runs"
+    lines = [f"Command: `{command}`", "",
+             f"mIoU on the val split of the embedded world (16 shapes, 4 of them novel, + 4 "
+             f"stuff classes; every name in the vocabulary), mean over world seeds "
+             f"{', '.join(map(str, per_seed))}; {wall}.", "", seg_table(mean), ""]
+    if len(per_seed) > 1:
+        for s, rows in per_seed.items():
+            lines += [f"World seed {s}:", "", seg_table(rows), ""]
+    lines += ["| floor | value | target | |", "|---|---:|---|---|"]
+    for what, value, target, ok in seg_floors(mean, seconds):
+        verdict = "PASS" if ok else "FAIL"
+        if what.startswith("segmentation ablation wall") and earlier:
+            verdict = "n/a: stages reused"
+        lines.append(f"| {what} | {value:.2f} | {target} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def seg_ablation(root: Path, overrides: list[str], seeds: list[int], command: str,
+                 results: str | None = None, jobs: int | None = None,
+                 progress: bool = True) -> dict:
+    """The segmentation ablation (``tools/seg_ablation.py``) over world ``seeds`` in ``root``."""
+    t = time.perf_counter()
+    rows = run_seeds(seg_seed, [[*overrides, f"world.seed={s}"] for s in seeds], root,
+                     progress, jobs)
+    seconds = time.perf_counter() - t
+    per_seed = dict(zip(seeds, rows, strict=True))
+    section = seg_report(per_seed, seconds, command)
+    print("\n" + section)
+    atomic_write(root / "seg_ablation.json", json.dumps(
+        {"command": command, "seconds": round(seconds, 1), "seeds": per_seed}, indent=2) + "\n")
+    if results:
+        write_section(Path(results), section, SEG_MARKS)
+        print(f"table written to {results}")
+    return per_seed

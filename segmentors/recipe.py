@@ -1,0 +1,295 @@
+"""The segmentation recipe: datasets, the whole student, teacher targets, training,
+evaluation, and the teacher's own zero-shot segmentation.
+
+Training classes are every class of the dataset; pixels of novel classes count as
+unlabelled for the supervised loss (``seg.supervised``). The teacher's dense
+(MaskCLIP) embeddings are computed online from each training batch, flips
+included, for ``seg.pixel_distill`` (L1/cosine to them) and ``seg.pseudo_label``
+(MaskCLIP+: the argmax of the teacher's dense text logits over every class name).
+Evaluation: mIoU over the val split with every class name in the vocabulary
+(base, novel, harmonic mean), written to ``output_dir/eval`` with a per-class plot
+and overlays of the first predictions. ``tools/train_seg.py`` is a thin shell over it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from distill.cache import open_cache
+from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
+from distill.data.coco import dataset_paths, read_instances
+from distill.data.semantic import SemanticDataset, ade20k, collate_semantic, synthetic_semantic
+from distill.engine import final_weights, init_distributed, load_weights, resolve_device, seed_all
+from distill.engine import train as train_loop
+from distill.evaluation.sem_seg import SemSegEvaluator, overlay
+from distill.losses import DEFAULT_WEIGHTS, Criterion
+from distill.teacher import Teacher
+from distill.teacher.dense import refine_logits
+from segmentors import PixelEmbeddingSegmenter, build_segmenter
+from segmentors.clip_trunk import load_tower, tower_shape
+from segmentors.inference import random_resize_crop, segment_logits
+
+OVERLAYS = 6  # val images drawn with their predictions
+
+
+def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
+    """(train, val): ADE20k under ``seg.data_root`` (or the datasets root with
+    ``data.benchmark: ade20k``), else the synthetic world."""
+    root = cfg.seg.data_root
+    if root is None and cfg.data.benchmark is not None:
+        from distill.data.roots import ade20k_root
+
+        if cfg.data.benchmark != "ade20k":
+            raise ConfigError(f"data.benchmark: {cfg.data.benchmark!r} is a detection benchmark;"
+                              " segmenters train on 'ade20k'")
+        root = ade20k_root()
+    if root:
+        return ade20k(root, "training"), ade20k(root, "validation")
+    from distill.data.synthetic import generate_world
+
+    world = generate_world(cfg.world, progress=False)
+    return synthetic_semantic(world, "train"), synthetic_semantic(world, "val")
+
+
+def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
+    """``build_segmenter``'s arguments for ``cfg.seg`` (the export's ``model`` config):
+    ``seg_clip_rn_fpn`` adds the teacher tower's shape and input normalisation."""
+    s = cfg.seg
+    kwargs = {"name": s.name, "fpn_channels": s.fpn_channels, "norm": s.norm,
+              "temperature": s.temperature}
+    if s.name == "seg_clip_rn_fpn":
+        try:
+            kwargs.update(tower_shape(teacher.model.visual))
+        except ValueError as e:
+            raise ConfigError(f"{e} (teacher.model: {cfg.teacher.model}); with this teacher "
+                              f"set e.g. seg.name=seg_r10_fpn seg.norm=gn") from None
+        kwargs.update(image_mean=list(teacher.mean), image_std=list(teacher.std))
+    return kwargs
+
+
+def build_student(cfg: ExperimentConfig, teacher: Teacher) -> PixelEmbeddingSegmenter:
+    """The student of ``cfg.seg``; ``seg_clip_rn_fpn`` starts from the teacher's tower."""
+    kwargs = student_kwargs(cfg, teacher)
+    model = build_segmenter(**kwargs, embed_dim=teacher.embed_dim,
+                            backbone_weights=cfg.seg.backbone_weights)
+    if "trunk_layers" in kwargs:
+        load_tower(model.backbone.body, teacher.model.visual)
+    return model
+
+
+def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor,
+                   key_smoothing: float = 0.0, prompt_denoising: float = 0.0,
+                   dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (B, 3, H, W) uint8 -> dense embeddings (B, D, h, w) and text logits (B, C, h, w),
+    the logits refined by MaskCLIP's key smoothing / prompt denoising when those are > 0.
+    ``dense``: the embeddings already at hand (the cache); the tower then does not run."""
+    if dense is None:
+        dense = teacher.dense(images)
+    logits = torch.einsum("bdhw,cd->bchw", dense, text) / teacher.temperature
+    if key_smoothing > 0 or prompt_denoising > 0:
+        keys = teacher.dense(images, keys=True) if key_smoothing > 0 else None
+        logits = refine_logits(logits, keys, key_smoothing, prompt_denoising)
+    return dense, logits
+
+
+def training_targets(batch: dict, teacher: Teacher | None, text: torch.Tensor, seg,
+                     novel_ids=()) -> dict:
+    """The criterion's targets for a training ``batch`` (``images`` (B, 3, H, W), ``labels``
+    (B, H, W), optionally cached ``dense`` maps): the labels and, with a ``teacher``, its dense
+    embeddings and text logits over ``text`` (C, D) (``seg``'s key smoothing and prompt
+    denoising), computed on the teacher's device and returned on the batch's."""
+    targets = {"seg_labels": batch["labels"], "novel_ids": novel_ids}
+    if teacher is not None:
+        dense, logits = teacher_logits(teacher, batch["images"], text, seg.key_smoothing,
+                                       seg.prompt_denoising, batch.get("dense"))
+        device = batch["images"].device
+        targets.update(dense_targets=dense.to(device), teacher_pixel_logits=logits.to(device))
+    return targets
+
+
+def build_criterion(seg) -> Criterion:
+    """The segmenter's criterion from the ``seg`` section: its three loss weights (every
+    detection loss off) and their settings."""
+    weights = {**{k: 0.0 for k in DEFAULT_WEIGHTS}, "supervised_seg": seg.supervised,
+               "pixel_distill": seg.pixel_distill, "pseudo_label": seg.pseudo_label}
+    criterion = Criterion(weights, pixel_distill_mode=seg.pixel_distill_mode,
+                          pseudo_label_threshold=seg.pseudo_label_threshold,
+                          pseudo_label_scope=seg.pseudo_label_scope)
+    if seg.pseudo_label_scope not in ("all", "unlabeled"):
+        raise ConfigError(f"seg.pseudo_label_scope must be all or unlabeled, "
+                          f"got {seg.pseudo_label_scope!r}")
+    return criterion
+
+
+def training_step(criterion, teacher: Teacher | None, text: torch.Tensor, seg, novel_ids=()):
+    """``loss_fn(model, batch)`` for the engine: the student on the batch's images, against
+    :func:`training_targets`."""
+    def loss_fn(model, batch):
+        return criterion(model(batch["images"]),
+                         training_targets(batch, teacher, text, seg, novel_ids))
+    return loss_fn
+
+
+def dense_cache(cfg: ExperimentConfig, teacher: Teacher):
+    """``file name -> (D, h, w)`` teacher dense map of a training image, from the cache
+    ``cache.root/cache.name`` (``seg.dense_source: cache``)."""
+    s = cfg.seg
+    if s.data_root or cfg.data.benchmark:
+        raise ConfigError("seg.dense_source=cache: only the embedded world's images are cached "
+                          "(tools/extract.py reads COCO-style files); use seg.dense_source=online")
+    if s.short_side or s.crop_size or s.scale_range != [1.0, 1.0]:
+        raise ConfigError("seg.dense_source=cache holds whole-image maps: set seg.short_side=0, "
+                          "seg.crop_size=0 and seg.scale_range=[1.0,1.0]")
+    if s.key_smoothing > 0:
+        raise ConfigError("seg.key_smoothing needs the teacher's attention keys, which the cache "
+                          "does not hold: use seg.dense_source=online")
+    instances, _ = dataset_paths(cfg, "train")
+    cache = open_cache(cfg, teacher.fingerprint, instances)
+    ids = {Path(im["file_name"]).name: int(im["id"]) for im in read_instances(instances)["images"]}
+
+    def dense_of(file_name: str) -> torch.Tensor:
+        rec = cache.get(ids[Path(file_name).name])
+        if rec["dense"] is None:
+            raise ValueError(f"cache {cache.path} holds no dense maps: extract with "
+                             "cache.store_dense=true")
+        return torch.from_numpy(rec["dense"])
+
+    return dense_of
+
+
+class TrainView(torch.utils.data.Dataset):
+    """Training samples: ``seg``'s random resize and crop (segmentors/inference.py), then a
+    left-right flip with p=0.5 (of the cached teacher map too, with ``dense_of``); the global
+    torch RNG draws them (the engine checkpoints it)."""
+
+    def __init__(self, data: SemanticDataset, seg, dense_of=None):
+        self.data, self.seg, self.dense_of = data, seg, dense_of
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        s = random_resize_crop(self.data[i], self.seg.short_side, self.seg.crop_size,
+                               self.seg.scale_range)
+        if self.dense_of is not None:
+            s["dense"] = self.dense_of(s["file_name"])
+        if torch.rand(()) < 0.5:
+            s = {**s, **{k: s[k].flip(-1) for k in ("image", "labels", "dense") if k in s}}
+        return s
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
+          progress: bool = True) -> dict[str, float]:
+    """Train ``cfg`` (unless ``eval_only``), evaluate, write ``output_dir/eval``; returns metrics."""
+    out = Path(cfg.output_dir)
+    train_set, val_set = datasets(cfg)  # missing data fails before the teacher loads
+    init_distributed(cfg.train.device)  # first: under torchrun the teacher takes this rank's GPU
+    teacher = Teacher.from_config(cfg.teacher)
+    seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
+    model = build_student(cfg, teacher)
+    if eval_only:
+        load_weights(model, final_weights(out))
+        model.to(resolve_device(cfg.train.device))
+    else:
+        save_config(cfg, out / "config.yaml")
+        text = teacher.text(train_set.classes)
+        model.set_vocabulary(text)
+        s = cfg.seg
+        criterion = build_criterion(s)
+        if s.dense_source not in ("online", "cache"):
+            raise ConfigError(f"seg.dense_source must be online or cache, got {s.dense_source!r}")
+        needs_teacher = s.pixel_distill > 0 or s.pseudo_label > 0
+        dense_of = dense_cache(cfg, teacher) if needs_teacher and s.dense_source == "cache" \
+            else None
+        novel_ids = train_set.novel_ids
+
+        loss_fn = training_step(criterion, teacher if needs_teacher else None, text, s,
+                                novel_ids)
+        train_loop(model, loss_fn, TrainView(train_set, cfg.seg, dense_of), cfg.train, out,
+                   criterion=criterion, collate_fn=collate_semantic, resume=resume,
+                   progress=progress)
+    model.eval()
+    metrics = evaluate(lambda images: model(images)["pixel_logits"], teacher, val_set, model,
+                       out / "eval", cfg.seg, progress=progress)
+    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def teacher_baseline(cfg: ExperimentConfig, progress: bool = True) -> dict[str, float]:
+    """The teacher's zero-shot segmentation of the val split (MaskCLIP: dense embeddings vs.
+    every class name, logits upsampled bilinearly to the image); into ``output_dir/eval``."""
+    out = Path(cfg.output_dir)
+    _, val_set = datasets(cfg)  # missing data fails before the teacher loads
+    save_config(cfg, out / "config.yaml")
+    teacher = Teacher.from_config(cfg.teacher)
+    text = teacher.text(val_set.classes)
+    s = cfg.seg
+    metrics = evaluate(
+        lambda images: teacher_logits(teacher, images, text, s.key_smoothing,
+                                      s.prompt_denoising)[1],
+        teacher, val_set, None, out / "eval", s, progress=progress)
+    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _same_size_batches(data: SemanticDataset, batch_size: int):
+    """Consecutive samples of ``data`` in batches of at most ``batch_size`` equal-size images."""
+    batch: list[dict] = []
+    for i in range(len(data)):
+        s = data[i]
+        if batch and (len(batch) == batch_size or s["image"].shape != batch[0]["image"].shape):
+            yield collate_semantic(batch)
+            batch = []
+        batch.append(s)
+    if batch:
+        yield collate_semantic(batch)
+
+
+@torch.no_grad()
+def evaluate(logits_fn, teacher: Teacher, data: SemanticDataset,
+             model: PixelEmbeddingSegmenter | None, out_dir: Path | None, seg,
+             batch_size: int = 8, progress: bool = True) -> dict[str, float]:
+    """mIoU over ``data`` of ``logits_fn(images (B, 3, h, w)) -> (B, C, h', w')`` run as
+    ``seg`` says (short side, whole image or sliding window; scored at each image's own
+    resolution), every class name in the vocabulary (the model's previous vocabulary is
+    restored afterwards). ``logits_fn`` runs ``model`` (or, without one, the teacher): the
+    images go to its device, the label maps come back to the CPU."""
+    import time
+
+    from tqdm import tqdm
+
+    device = teacher.device if model is None else next(model.parameters()).device
+    saved = model.text_embeddings if model is not None else None
+    if model is not None:
+        model.set_vocabulary(teacher.text(data.classes))
+    evaluator = SemSegEvaluator(len(data.classes), class_names=data.classes, novel=data.novel)
+    drawn, seconds = [], 0.0
+    try:
+        with tqdm(total=len(data), desc="evaluate", disable=not progress) as bar:
+            for batch in _same_size_batches(data, batch_size):
+                t = time.perf_counter()
+                pred = segment_logits(logits_fn, batch["images"].to(device), seg.short_side,
+                                      seg.window, seg.stride).argmax(1).cpu()
+                seconds += time.perf_counter() - t
+                for image, p, gt in zip(batch["images"], pred, batch["labels"], strict=True):
+                    evaluator.add(p, gt)
+                    if len(drawn) < OVERLAYS:
+                        drawn.append(overlay(image.permute(1, 2, 0).numpy(), p.numpy(),
+                                             data.classes, data.novel))
+                bar.update(len(pred))
+    finally:
+        if model is not None:
+            model.text_embeddings = saved
+    metrics = evaluator.evaluate()
+    flat = {k: float(metrics[k]) for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "aAcc")}
+    flat["images_per_s"] = len(data) / max(seconds, 1e-9)
+    if out_dir is not None:
+        evaluator.write(out_dir)
+        for k, im in enumerate(drawn):
+            tmp = out_dir / f".overlay_{k}.tmp.png"
+            im.save(tmp)
+            tmp.replace(out_dir / f"overlay_{k}.png")
+    return flat
