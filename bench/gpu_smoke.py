@@ -8,7 +8,8 @@ the ADE20k MaskCLIP+ segmenter (``configs/ade20k/maskclip_plus.yaml``), at the c
 input size and batch, with randomly initialised teacher and student (nothing is downloaded)
 and random pictures: ``--steps`` training steps through the engine (the batch moved to the
 device, the model in DistributedDataParallel: a process group of one is made when the
-script is not under torchrun), then ``--images`` pictures through the trained student.
+script is not under torchrun; the configs' bf16 autocast and loader workers), then
+``--images`` pictures through the trained student.
 Prints seconds per training iteration (the median after the first), inference images/s and
 peak device memory (``torch.cuda.max_memory_allocated``; on the CPU the process's peak RSS),
 and writes them as JSON with ``--output``.
@@ -116,8 +117,10 @@ def run(bench: str, device: str, steps: int, images: int, tiny: bool) -> dict:
                  f"train.max_iters={steps}", "train.log_period=1",
                  f"train.checkpoint_period={steps}", "train.keep_checkpoints=1",
                  "train.schedule.warmup_iters=0"]
+    if engine.resolve_device(device).type != "cuda":
+        overrides.append("train.amp=false")  # the configs' bf16 autocast is for CUDA
     if tiny:
-        overrides += [*TEACHER_TINY, *TINY[task], "train.batch_size=2"]
+        overrides += [*TEACHER_TINY, *TINY[task], "train.batch_size=2", "train.num_workers=0"]
     cfg = load_config(REPO / CONFIGS[bench], overrides)
     dev = engine.resolve_device(device)
     if dev.type == "cuda":

@@ -37,8 +37,9 @@ class DistillationSet(torch.utils.data.Dataset):
 
     ``min_objectness`` > 0 keeps only the cached proposals whose RPN objectness is at
     least that; ``distill_per_image`` > 0 then draws that many of them per step. Flips
-    (p=0.5) and draws use the global torch RNG, which the engine checkpoints, so a
-    resumed run sees the same samples.
+    (p=0.5) and draws come from the engine's per-sample generator (:meth:`sample`; the
+    global torch RNG for ``dataset[i]``), so a resumed run, with any number of loader
+    workers, sees the same samples.
     """
 
     def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True,
@@ -50,6 +51,9 @@ class DistillationSet(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
+        return self.sample(i, None)
+
+    def sample(self, i: int, generator: torch.Generator | None) -> dict:
         s = self.data[i]
         image = s["image"]
         target = {k: s[k] for k in ("boxes", "labels", "masks") if k in s}
@@ -63,9 +67,9 @@ class DistillationSet(torch.utils.data.Dataset):
                 distill = {key: v[keep] for key, v in distill.items()}
             k = self.distill_per_image
             if 0 < k < len(distill["boxes"]):
-                pick = torch.randperm(len(distill["boxes"]))[:k]
+                pick = torch.randperm(len(distill["boxes"]), generator=generator)[:k]
                 distill = {key: v[pick] for key, v in distill.items()}
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and torch.rand((), generator=generator) < 0.5:
             w = image.shape[-1]
             image = image.flip(-1)
             target = hflip_target(target, w)
@@ -176,8 +180,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
 
         periodic = (lambda m: evaluate(m, teacher, val, None, False)) if cfg.train.eval_period \
             else None
-        samples = DistillationSet(data, cache, distill_per_image=cfg.loss.distill_per_image,
-                                  min_objectness=cfg.loss.distill_min_objectness)
+        samples = DistillationSet(data, cache, distill_per_image=cfg.data.distill_per_image,
+                                  min_objectness=cfg.data.distill_min_objectness)
         train_loop(model, loss_fn, samples, cfg.train, out, criterion=criterion,
                    collate_fn=collate, evaluate=periodic, resume=resume, progress=progress)
     metrics = evaluate(model, teacher, val, out / "eval", progress)

@@ -68,6 +68,11 @@ class DataConfig:
     # a bad annotation record or image file: fail (stop, naming it) | skip (leave it out and
     # list it in the run's skipped.json); see distill.data.coco.CocoDetection
     on_error: str = "fail"
+    # which cached proposals a training image hands to ViLD-image (detectors/recipe.py's
+    # DistillationSet): those whose RPN objectness is at least this (0: all, as ViLD), then
+    # this many of them drawn per image and step (0: all)
+    distill_min_objectness: float = 0.0
+    distill_per_image: int = 0
 
 
 @dataclass
@@ -84,6 +89,9 @@ class TeacherConfig:
     dense_short_side: int = 0  # dense input: 0 = the image's own size, else this short side
     batch_size: int = 256  # crops per encoder call
     device: str = "cpu"
+    # the teacher's own text logits are cosine / temperature (the teacher on proposals, its
+    # MaskCLIP segmentation and pseudo-labels); null: 1 / its learned logit scale (CLIP: 0.01)
+    temperature: float | None = None
 
 
 @dataclass
@@ -191,9 +199,6 @@ class LossConfig:
     objectness: float = 1.0
     rpn_box_reg: float = 1.0
     mask: float = 1.0  # mask BCE; computed only for a student with model.mask_head
-    distill_per_image: int = 0  # cached proposals drawn per image and step (0: all)
-    # distil only cached proposals whose RPN objectness is at least this (0: all, as ViLD)
-    distill_min_objectness: float = 0.0
     queue_size: int = 1024  # BARON: 1024 queued negatives
     region_word_temperature: float = 0.02  # BARON single-region temperature 50
 
@@ -266,7 +271,14 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# keys that moved to another section: the old name says where
+MOVED = {"loss.distill_min_objectness": "data.distill_min_objectness",
+         "loss.distill_per_image": "data.distill_per_image"}
+
+
 def _closest(key: str, schema: type) -> str:
+    if key in MOVED:
+        return f"; it moved to '{MOVED[key]}'"
     valid = _valid_keys(schema())
     leaf = key.rsplit(".", 1)[-1]
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)

@@ -9,9 +9,10 @@ with logging (tqdm bar, ``metrics.jsonl``, TensorBoard scalars), periodic
 evaluation and atomic checkpoints. ``resume=True`` continues from the last
 checkpoint and, on CPU with a fixed seed, reaches the same weights as an
 uninterrupted run: the sampler is a pure function of (seed, iteration) and every
-RNG state is checkpointed. Datasets that augment should draw their randomness
-from the sample index (or the restored global RNG with ``num_workers=0``). Build
-the model after ``seed_all(seed)``: torch seeds itself differently in every process.
+RNG state is checkpointed. Datasets that augment implement ``sample(index, generator)``
+and draw from that generator, seeded per position of the run (:class:`Seeded`): the
+same draws with any ``train.num_workers`` and after a resume. Build the model after
+``seed_all(seed)``: torch seeds itself differently in every process.
 Bit-identical also needs the same torch thread count (float sums are split across
 threads); a resume with another count warns.
 
@@ -180,6 +181,31 @@ def _set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- data
 
 
+def sample_seed(seed: int, position: int) -> int:
+    """The augmentation seed of the sample at ``position`` of a run's global stream: a pure
+    function of (run seed, position), so a resumed run and any number of loader workers draw
+    what an uninterrupted single-process run draws."""
+    return (seed * 1_000_003 + position * 7_919 + 12_345) % 2**62
+
+
+class Seeded(Dataset):
+    """``dataset`` read at the sampler's ``(index, sample_seed)`` keys: a dataset with
+    ``sample(index, generator)`` draws its augmentation from a generator seeded for that
+    position (never from the global RNG); any other dataset is read as ``dataset[index]``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        if hasattr(self.dataset, "sample"):
+            return self.dataset.sample(index, torch.Generator().manual_seed(seed))
+        return self.dataset[index]
+
+
 class IterationSampler(Sampler[int]):
     """Endless stream of dataset indices, a pure function of (seed, position).
 
@@ -187,16 +213,19 @@ class IterationSampler(Sampler[int]):
     ``seed + e``. The global stream is cut into batches of
     ``batch_size * world_size``; rank ``r`` reads items ``r*batch_size ..`` of
     each, so starting at ``start_iter`` reproduces exactly what an
-    uninterrupted run would have read from that iteration on.
+    uninterrupted run would have read from that iteration on. With ``seeded`` it yields
+    ``(index, sample_seed)``: the seed of that position's augmentation (:class:`Seeded`).
     """
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, start_iter: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 seeded: bool = False):
         if size <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_iter, self.rank, self.world_size, self.shuffle = (
             start_iter, rank, world_size, shuffle)
+        self.seeded = seeded
 
     def _global_index(self, pos: int) -> int:
         epoch, offset = divmod(pos, self.size)
@@ -213,15 +242,16 @@ class IterationSampler(Sampler[int]):
         while True:
             base = it * global_batch + self.rank * self.batch_size
             for k in range(self.batch_size):
-                yield self._global_index(base + k)
+                index = self._global_index(base + k)
+                yield (index, sample_seed(self.seed, base + k)) if self.seeded else index
             it += 1
 
 
 def build_loader(dataset: Dataset, cfg: TrainConfig, start_iter: int = 0,
                  collate_fn: Callable | None = None) -> DataLoader:
     sampler = IterationSampler(len(dataset), cfg.batch_size, cfg.seed, start_iter,
-                               get_rank(), get_world_size())
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                               get_rank(), get_world_size(), seeded=True)
+    return DataLoader(Seeded(dataset), batch_size=cfg.batch_size, sampler=sampler,
                       num_workers=cfg.num_workers, collate_fn=collate_fn,
                       persistent_workers=cfg.num_workers > 0,
                       # its own generator: creating the iterator must not consume the

@@ -498,13 +498,11 @@ class Criterion(nn.Module):
 
 
 def build_criterion(
-    queue_size: int = 1024, region_word_temperature: float = 0.02, distill_per_image: int = 0,
-    distill_min_objectness: float = 0.0, pixel_distill_mode: str = "l1",
-    pseudo_label_threshold: float | None = None, **weights: float,
+    queue_size: int = 1024, region_word_temperature: float = 0.02,
+    pixel_distill_mode: str = "l1", pseudo_label_threshold: float | None = None,
+    **weights: float,
 ) -> Criterion:
-    """``build_criterion(**dataclasses.asdict(cfg.loss))``; ``distill_per_image`` and
-    ``distill_min_objectness`` are read by the training set (which cached proposals an image
-    contributes), not the criterion."""
+    """``build_criterion(**dataclasses.asdict(cfg.loss))``."""
     return Criterion(weights, queue_size=queue_size,
                      region_word_temperature=region_word_temperature,
                      pixel_distill_mode=pixel_distill_mode,

@@ -91,15 +91,16 @@ def segment_logits(logits_fn: LogitsFn, images: Tensor, short_side: int = 0,
 
 
 def random_resize_crop(sample: dict, short_side: int, crop: int,
-                       scale_range: Sequence[float] = (1.0, 1.0)) -> dict:
+                       scale_range: Sequence[float] = (1.0, 1.0),
+                       generator: torch.Generator | None = None) -> dict:
     """Training view of ``{"image" (3, H, W) uint8, "labels" (H, W) int64}``: short side to
     ``short_side`` x U(scale_range) (0: keep), then a random ``crop``-square window (0: none),
     padded with 0 (image) and ``IGNORE`` (labels) where the image is smaller. Draws from
-    the global torch RNG (the engine checkpoints it)."""
+    ``generator`` (the engine's per-sample one), else the global torch RNG."""
     image, labels = sample["image"], sample["labels"]
     if short_side > 0:
         lo, hi = scale_range
-        s = lo + (hi - lo) * float(torch.rand(()))
+        s = lo + (hi - lo) * float(torch.rand((), generator=generator))
         size = short_side_size(*image.shape[-2:], round(short_side * s))
         image = resize_image(image, size)
         labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
@@ -108,7 +109,7 @@ def random_resize_crop(sample: dict, short_side: int, crop: int,
         image = F.pad(image, (0, max(0, crop - w), 0, max(0, crop - h)))
         labels = F.pad(labels, (0, max(0, crop - w), 0, max(0, crop - h)), value=IGNORE)
         h, w = image.shape[-2:]
-        y = int(torch.randint(0, h - crop + 1, ()))
-        x = int(torch.randint(0, w - crop + 1, ()))
+        y = int(torch.randint(0, h - crop + 1, (), generator=generator))
+        x = int(torch.randint(0, w - crop + 1, (), generator=generator))
         image, labels = image[:, y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop]
     return {**sample, "image": image.contiguous(), "labels": labels.contiguous()}

@@ -162,8 +162,9 @@ def dense_cache(cfg: ExperimentConfig, teacher: Teacher):
 
 class TrainView(torch.utils.data.Dataset):
     """Training samples: ``seg``'s random resize and crop (segmentors/inference.py), then a
-    left-right flip with p=0.5 (of the cached teacher map too, with ``dense_of``); the global
-    torch RNG draws them (the engine checkpoints it)."""
+    left-right flip with p=0.5 (of the cached teacher map too, with ``dense_of``), drawn from
+    the engine's per-sample generator (:meth:`sample`; the global torch RNG for
+    ``view[i]``)."""
 
     def __init__(self, data: SemanticDataset, seg, dense_of=None):
         self.data, self.seg, self.dense_of = data, seg, dense_of
@@ -172,11 +173,14 @@ class TrainView(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i):
+        return self.sample(i, None)
+
+    def sample(self, i: int, generator: torch.Generator | None) -> dict:
         s = random_resize_crop(self.data[i], self.seg.short_side, self.seg.crop_size,
-                               self.seg.scale_range)
+                               self.seg.scale_range, generator)
         if self.dense_of is not None:
             s["dense"] = self.dense_of(s["file_name"])
-        if torch.rand(()) < 0.5:
+        if torch.rand((), generator=generator) < 0.5:
             s = {**s, **{k: s[k].flip(-1) for k in ("image", "labels", "dense") if k in s}}
         return s
 

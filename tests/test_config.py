@@ -30,6 +30,9 @@ def test_defaults_base_file_and_overrides_merge_in_order(tmp_path):
      "override 'world.num_trian=3': unknown config key 'world.num_trian'; did you mean 'world.num_train'?"),
     ("train.optim.lrr=1",
      "override 'train.optim.lrr=1': unknown config key 'train.optim.lrr'; did you mean 'train.optim.lr'?"),
+    ("loss.distill_min_objectness=0.3",  # read by the training set, not the criterion
+     "override 'loss.distill_min_objectness=0.3': unknown config key "
+     "'loss.distill_min_objectness'; it moved to 'data.distill_min_objectness'"),
 ])
 def test_unknown_override_names_key_and_closest(override, message):
     with pytest.raises(ConfigError) as e:

@@ -105,6 +105,46 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert strip(lines("full")) == strip(lines("part"))
 
 
+class NoisyPoints(Points):
+    """Points with augmentation: noise drawn from the engine's per-sample generator."""
+
+    def sample(self, i, generator):
+        x, y = self[i]
+        return x + 0.5 * torch.randn(x.shape, generator=generator), y
+
+
+def test_augmentation_is_per_sample_seeded_so_workers_and_resume_change_nothing(tmp_path):
+    """The same weights from 0 loader workers, 2 workers, and 2 workers killed at iteration
+    13 and resumed: augmentation comes from a generator seeded by the sample's position."""
+    def run(out, workers, crash_at=None, resume=False):
+        calls = {"n": 0}
+
+        def loss_fn(model, batch):
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise Crash
+            return mse(model, batch)
+
+        model = make_model()
+        train(model, loss_fn, NoisyPoints(), small_cfg(num_workers=workers), out,
+              resume=resume, progress=False, tensorboard=False)
+        return model
+
+    alone = run(tmp_path / "alone", 0)
+    workers = run(tmp_path / "workers", 2)
+    with pytest.raises(Crash):
+        run(tmp_path / "part", 2, crash_at=13)
+    resumed = run(tmp_path / "part", 2, resume=True)
+    plain = make_model()  # without the augmentation the weights differ: it was applied
+    train(plain, mse, Points(), small_cfg(), tmp_path / "plain", progress=False,
+          tensorboard=False)
+    for a, b, c in zip(alone.state_dict().values(), workers.state_dict().values(),
+                       resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not all(torch.equal(a, d) for a, d in zip(alone.state_dict().values(),
+                                                     plain.state_dict().values(), strict=True))
+
+
 def test_the_criterions_state_is_checkpointed_and_resumed(tmp_path):
     """A criterion with state (BARON/MoCo's queue of past targets) resumes where it was: the
     killed-and-resumed run's queue is the uninterrupted one's, bit for bit."""

@@ -27,7 +27,8 @@ pytestmark = [
 
 TINY = [f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
         "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.device=cpu",
-        "teacher.templates=simple", "train.device=cpu"]
+        "teacher.templates=simple", "train.device=cpu", "train.amp=false",
+        "train.num_workers=0"]
 ONE_STEP = ["train.max_iters=1", "train.batch_size=1", "train.checkpoint_period=1",
             "train.schedule.warmup_iters=0", "train.schedule.steps=[]"]
 DETECTOR = ["model.image_size=128", "model.fpn_channels=32", "model.hidden=64",

@@ -209,8 +209,8 @@ class LoadDistillTargets(BaseTransform):
     """``distill_boxes`` (P, 4) and ``distill_embeddings`` (P, D) of the image from the
     experiment's embedding cache, in the pipeline's current frame (after ``Resize`` and
     ``RandomFlip``); only proposals with objectness >= ``min_objectness`` (as
-    ``loss.distill_min_objectness``), of which ``per_image`` > 0 draws that many (as
-    ``loss.distill_per_image``)."""
+    ``data.distill_min_objectness``), of which ``per_image`` > 0 draws that many (as
+    ``data.distill_per_image``)."""
 
     def __init__(self, ovd_config: str, per_image: int = 0, min_objectness: float = 0.0):
         self.ovd_config, self.per_image = ovd_config, per_image
