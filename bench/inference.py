@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         onnx = OnnxDetector(f"{tmp}/student", threads=torch.get_num_threads())
         teacher = Teacher.from_config(cfg.teacher)
         teach = teacher_on_proposals(student.model, teacher, student.vocabulary.embeddings,
-                                     cfg.model.temperature)
+                                     teacher.temperature)
         thresh = student.score_threshold
 
         def teacher(im):  # post-processed above the students' threshold, as theirs

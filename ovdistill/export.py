@@ -78,7 +78,7 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
             "thresholds": {"score": SCORE_THRESHOLD, "nms": model.roi_heads.nms_thresh,
                            "detections_per_image": model.roi_heads.detections_per_img},
             **common}
-        config["teacher"]["temperature"] = cfg.model.temperature
+        config["teacher"]["temperature"] = teacher.temperature
     load_weights(model, run / "model_final.safetensors")
     write_student(out, model.state_dict(), config, vocab)
     if onnx:

@@ -125,9 +125,21 @@ def proposals_stage(rpn_dir: Path, progress: bool) -> Path:
                                           progress)
 
 
+def _tensors_sha(path: Path) -> str:
+    """sha256 over a safetensors file's tensors (names and bytes in name order): the file's
+    own bytes are not stable, its header lists the metadata in a different order each write."""
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(path)).items()):
+        digest.update(name.encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list[str]:
     """Embed the proposals with the teacher; returns the cache overrides for the student."""
-    digest = hashlib.sha256(proposals.read_bytes()).hexdigest()[:8]
+    digest = _tensors_sha(proposals)[:8]
     cache = [f"cache.proposals={proposals}", f"cache.name=shapes_train_rpn-{digest}",
              f"cache.num_proposals={CACHED_PROPOSALS}"]
     extract(load_config(CONFIGS / "shapes" / "extract.yaml", [*overrides, *cache]),
@@ -147,7 +159,7 @@ def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
     val = CocoDetection(*dataset_paths(cfg, "val"))
     novel = val.novel
     metrics = evaluate_teacher_on_proposals(rpn, teacher, val, teacher.text(val.names), novel,
-                                            summary.parent, temperature=cfg.model.temperature,
+                                            summary.parent, temperature=teacher.temperature,
                                             num_proposals=num_proposals, progress=progress)
     atomic_write(summary, json.dumps(metrics, indent=2) + "\n")
     return metrics

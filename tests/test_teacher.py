@@ -57,6 +57,15 @@ def _norm_image(t: Teacher, img: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- prompts / text
 
 
+def test_the_teachers_temperature_is_its_own_unless_set(vit):
+    """teacher.temperature: the teacher's own logits (on proposals, MaskCLIP, pseudo-labels)
+    are cosine / it; null takes 1 / the learned logit scale, apart from model.temperature."""
+    assert vit.temperature == pytest.approx(1 / float(vit.model.logit_scale.exp()), rel=1e-7)
+    assert _build("tiny_vit", temperature=0.05).temperature == 0.05
+    with pytest.raises(TeacherError, match="temperature must be positive"):
+        _build("tiny_vit", temperature=0.0)
+
+
 def test_template_sets():
     assert len(TEMPLATE_SETS["openai_imagenet"]) == 80
     assert len(TEMPLATE_SETS["vild"]) == 63

@@ -242,8 +242,12 @@ class Teacher(nn.Module):
         dense_mode: str = "maskclip",
         dense_short_side: int = 0,
         batch_size: int = 256,
+        temperature: float | None = None,
     ):
         super().__init__()
+        if temperature is not None and temperature <= 0:
+            raise TeacherError(f"temperature must be positive (or null), got {temperature}")
+        self._temperature = temperature
         if region_mode not in REGION_MODES:
             raise TeacherError(f"region_mode must be one of {REGION_MODES}, got '{region_mode}'")
         if dense_mode not in DENSE_MODES:
@@ -293,8 +297,10 @@ class Teacher(nn.Module):
 
     @functools.cached_property
     def temperature(self) -> float:
-        """1 / the teacher's learned logit scale (CLIP: 0.01): its own text logits are
-        cosine / temperature."""
+        """The teacher's own text logits are cosine / temperature: ``teacher.temperature``,
+        else 1 / its learned logit scale (CLIP: 0.01)."""
+        if self._temperature is not None:
+            return float(self._temperature)
         return 1.0 / float(self.model.logit_scale.exp())
 
     @functools.cached_property
@@ -496,6 +502,7 @@ def build_teacher(
     dense_short_side: int = 0,
     batch_size: int = 256,
     device: str = "cpu",
+    temperature: float | None = None,
     **unknown: Any,
 ) -> Teacher:
     """Build a :class:`Teacher` from the fields of :class:`~distill.config.TeacherConfig`."""
@@ -506,4 +513,5 @@ def build_teacher(
     clip, model_cfg = load_clip(model, pretrained, model_config, str(resolve_device(device)))
     return Teacher(clip, model, model_cfg=model_cfg, templates=templates,
                    region_mode=region_mode, crop_scales=crop_scales, dense_mode=dense_mode,
-                   dense_short_side=dense_short_side, batch_size=batch_size)
+                   dense_short_side=dense_short_side, batch_size=batch_size,
+                   temperature=temperature)
