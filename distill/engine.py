@@ -117,8 +117,7 @@ def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -
         return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         moved = [to_device(v, device, non_blocking) for v in obj]
-        return type(obj)(moved) if isinstance(obj, list) or not hasattr(obj, "_fields") \
-            else type(obj)(*moved)
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)  # namedtuple
     return obj
 
 

@@ -49,7 +49,7 @@ def seg_clip_rn_fpn(embed_dim: int, *, trunk_layers: list[int], trunk_width: int
                     backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
     """A ResNet teacher's image tower (open_clip ``ModifiedResNet(trunk_layers,
     trunk_width)`` without its attention pool) + FPN over layers 2-4 + embedding head,
-    with the teacher's input normalisation. tools/train_seg.py copies the teacher's tower
+    with the teacher's input normalisation. segmentors/recipe.py copies the teacher's tower
     weights in before training."""
     if norm != "bn":
         raise ValueError(f"seg.norm: seg_clip_rn_fpn keeps the CLIP tower's BatchNorm; set "

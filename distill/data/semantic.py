@@ -143,6 +143,6 @@ def collate_semantic(batch: list[dict]) -> dict[str, Any]:
     out = {"images": torch.stack([b["image"] for b in batch]),
            "labels": torch.stack([b["labels"] for b in batch]),
            "file_names": [b["file_name"] for b in batch]}
-    if all("dense" in b for b in batch):  # cached teacher dense maps (tools/train_seg.py)
+    if all("dense" in b for b in batch):  # cached teacher dense maps (segmentors/recipe.py)
         out["dense"] = torch.stack([b["dense"] for b in batch])
     return out
