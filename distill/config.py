@@ -73,6 +73,10 @@ class DataConfig:
     # this many of them drawn per image and step (0: all)
     distill_min_objectness: float = 0.0
     distill_per_image: int = 0
+    # names of the novel classes (held out of training, scored apart); unset: the files'
+    # ``split`` tags (or LVIS's rare frequency). ``tools/pipeline.py`` sets it for
+    # untagged files (distill.data.coco.split_classes)
+    novel: list[str] | None = None
 
 
 @dataclass
@@ -241,6 +245,16 @@ class TrainConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The one-command pipeline (ovdistill/pipeline.py, ``python -m tools.pipeline``)."""
+
+    segmenter: str | None = "configs/shapes/seg_distill.yaml"  # its stage's config; null: none
+    teacher_baseline: bool = False  # also the teacher on proposals (slow on a CPU)
+    onnx: bool = False  # the exported student also as model.onnx
+    pictures: int = 8  # val images drawn with the exported student's detections
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     output_dir: str = "outputs/default"
@@ -253,6 +267,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     seg: SegmenterConfig = field(default_factory=SegmenterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # --------------------------------------------------------------------------- loading

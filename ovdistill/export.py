@@ -100,12 +100,10 @@ def _classes(cfg, segmenter: bool) -> tuple[list[str], list[bool], set[str]]:
         train, val = segmentation.datasets(cfg)
         return (list(val.classes), list(val.novel),
                 {c.lower() for c, n in zip(train.classes, train.novel, strict=True) if not n})
-    from distill.data.coco import CocoDetection, dataset_paths
+    from distill.data.coco import detection_set
 
-    val = CocoDetection(*dataset_paths(cfg, "val"))
-    train = CocoDetection(*dataset_paths(cfg, "train"))
-    return (val.names, val.novel,
-            {c["name"].lower() for c in train.categories if c.get("split") != "novel"})
+    val, train = detection_set(cfg, "val"), detection_set(cfg, "train", category_ids="base")
+    return val.names, val.novel, {n.lower() for n in train.names}
 
 
 def to_yaml(cfg) -> str:

@@ -1,8 +1,9 @@
-"""Orchestration of the embedded experiments: the main job and the two ablations.
+"""The stages every orchestration shares, and the two ablations on the embedded world.
 
-The main job (``tools/pipeline.py``) chains the stages on the embedded world: the world,
-the tiny teacher, ViLD-text (whose RPN proposes for the rest), proposals, the teacher's
-region cache, ViLD, and the pixel-distilled segmenter. The ViLD ablation
+A stage is a training or extraction run: ViLD-text (whose RPN proposes for the rest),
+proposals, the teacher's region cache, the distilled students, the teacher on proposals,
+the segmenters. The main job (``ovdistill/pipeline.py``) chains them on any detection
+data; the ViLD ablation
 (``tools/ablation.py``) runs every detection student and the teacher on proposals per world
 seed; the segmentation ablation (``tools/seg_ablation.py``) three student segmenters and
 the teacher. Each stage lives in ``<root>/<stage>-<hash of its resolved config>`` and is
@@ -27,12 +28,17 @@ import yaml
 
 from detectors import recipe as detection
 from detectors.inference import evaluate_teacher_on_proposals
-from distill.config import ExperimentConfig, atomic_write, load_config, save_config, to_dict
-from distill.data.coco import CocoDetection, dataset_paths
-from distill.data.synthetic import World, generate_world, summarize
+from distill.config import (
+    ConfigError,
+    ExperimentConfig,
+    atomic_write,
+    load_config,
+    save_config,
+    to_dict,
+)
+from distill.data.coco import dataset_paths
+from distill.data.proposals import tensors_sha256
 from distill.extraction import extract
-from distill.teacher import Teacher
-from distill.teacher.pretrain import pretrain_and_save, zero_shot_accuracy
 from segmentors import recipe as segmentation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -45,33 +51,7 @@ SEG_MARKS = ("<!-- seg-ablation -->", "<!-- /seg-ablation -->")
 SEG_KEYS = ("mIoU_base", "mIoU_novel", "hIoU", "mIoU", "images_per_s")
 
 
-# --------------------------------------------------------------------------- the main job
-
-
-def teacher_stage(cfg: ExperimentConfig, world: World, progress: bool) -> tuple[Teacher, dict]:
-    """Load the tiny teacher (pretraining it first if its checkpoint is missing); score it."""
-    t = time.perf_counter()
-    ckpt = Path(cfg.teacher.pretrained) if cfg.teacher.pretrained else None
-    info: dict = {"checkpoint": str(ckpt) if ckpt else None, "pretrained_now": False}
-    if ckpt is not None and not ckpt.is_file() and cfg.teacher.model_config:
-        print(f"teacher checkpoint {ckpt} missing: pretraining it (<= 10 min)")
-        cfg_pre = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain,
-                                                                        output=str(ckpt)))
-        pretrain_and_save(cfg_pre, world, progress, ["python", "-m", "tools.pipeline"])
-        info["pretrained_now"] = True
-    teacher = Teacher.from_config(cfg.teacher)
-    record = ckpt.with_suffix(".json") if ckpt else None
-    saved = json.loads(record.read_text()) if record and record.is_file() else {}
-    if saved.get("fingerprint") == teacher.fingerprint and saved.get("world") == world.fingerprint:
-        accuracy = saved["zero_shot"]  # measured when the checkpoint was written
-    else:
-        accuracy = zero_shot_accuracy(teacher, world)
-    info.update(fingerprint=teacher.fingerprint, zero_shot=accuracy,
-                seconds=round(time.perf_counter() - t, 1))
-    print(f"teacher {cfg.teacher.model} ({teacher.fingerprint}): zero-shot top-1 on val object "
-          f"crops: all {accuracy['top1_all']:.3f}, base {accuracy['top1_base']:.3f}, "
-          f"novel {accuracy['top1_novel']:.3f}")
-    return teacher, info
+# --------------------------------------------------------------------------- shared stages
 
 
 STUDENTS = {name: CONFIGS / "shapes" / f"{name}.yaml"
@@ -81,28 +61,55 @@ LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
           "vild_ensemble": "ViLD-ensemble", "teacher": "teacher on proposals"}
 
 
-def _file_sha(path: str | None) -> str | None:
+_SHA: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: each file hashed once a run
+
+
+def _file_sha(path: str | os.PathLike | None) -> str | None:
     if not path or not Path(path).is_file():
         return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _SHA[key] = digest.hexdigest()
+    return _SHA[key]
+
+
+def data_files(cfg: ExperimentConfig) -> dict[str, str]:
+    """The annotation files a stage of ``cfg`` reads (train and val instances), by split; the
+    embedded world's are generated from the ``world`` section and left out."""
+    if cfg.data.benchmark is None and cfg.data.train_instances is None \
+            and cfg.data.val_instances is None:
+        return {}
+    files = {}
+    for split in ("train", "val"):
+        try:
+            files[split] = str(dataset_paths(cfg, split)[0])
+        except (ConfigError, OSError):  # an unset split or a missing benchmark: no file
+            pass
+    return files
 
 
 def stage_dir(root: Path, name: str, cfg: ExperimentConfig,
-               unread: tuple[str, ...] = ("seg",)) -> Path:
+              unread: tuple[str, ...] = ("seg",)) -> Path:
     """``root/<name>-<hash>`` over the resolved config (less the ``unread`` sections: no
-    detector stage reads ``seg``) and the teacher checkpoint's bytes (a retrained teacher
-    at the same path must not reuse stages made with the old one)."""
-    skip = ("name", "output_dir", *unread)
+    detector stage reads ``seg``), the teacher checkpoint's bytes (a retrained teacher at
+    the same path must not reuse stages made with the old one) and the annotation files'
+    bytes (:func:`data_files`: a changed file at the same path reruns the stage)."""
+    skip = ("name", "output_dir", "pipeline", *unread)
     spec = {k: v for k, v in to_dict(cfg).items() if k not in skip}
     spec["teacher_sha256"] = _file_sha(cfg.teacher.pretrained)
+    spec["data_sha256"] = {split: _file_sha(f) for split, f in data_files(cfg).items()}
     digest = hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:8]
     return root / f"{name}-{digest}"
 
 
-def student_stage(name: str, overrides: list[str], root: Path, progress: bool,
-                  extra: list[str] = ()) -> tuple[Path, dict]:
-    """Train the student of ``STUDENTS[name]`` (or reuse it) and evaluate it."""
-    cfg = load_config(STUDENTS[name], [*overrides, *extra])
+def student_stage(name: str, cfg: ExperimentConfig, root: Path, progress: bool
+                  ) -> tuple[Path, dict]:
+    """Train the student of ``cfg`` as stage ``name`` (or reuse it) and evaluate it."""
     out = stage_dir(root, name, cfg)
     summary = out / "eval" / "summary.json"
     if summary.is_file():
@@ -125,25 +132,17 @@ def proposals_stage(rpn_dir: Path, progress: bool) -> Path:
                                           progress)
 
 
-def _tensors_sha(path: Path) -> str:
-    """sha256 over a safetensors file's tensors (names and bytes in name order): the file's
-    own bytes are not stable, its header lists the metadata in a different order each write."""
-    from safetensors.numpy import load_file
-
-    digest = hashlib.sha256()
-    for name, array in sorted(load_file(str(path)).items()):
-        digest.update(name.encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def extract_stage(proposals: Path, overrides: list[str], progress: bool) -> list[str]:
-    """Embed the proposals with the teacher; returns the cache overrides for the student."""
-    digest = _tensors_sha(proposals)[:8]
-    cache = [f"cache.proposals={proposals}", f"cache.name=shapes_train_rpn-{digest}",
-             f"cache.num_proposals={CACHED_PROPOSALS}"]
-    extract(load_config(CONFIGS / "shapes" / "extract.yaml", [*overrides, *cache]),
-            progress=progress)
+def extract_stage(proposals: Path, cfg: ExperimentConfig, progress: bool) -> list[str]:
+    """Embed ``cfg.cache.num_proposals`` of the ``proposals`` per training image with the
+    teacher, into ``cache.root/<cache.name>_rpn-<hash of the proposals and their count>``; returns the cache
+    overrides for the distilled students."""
+    key = f"{tensors_sha256(proposals)},n={cfg.cache.num_proposals}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    cache = [f"cache.proposals={proposals}", f"cache.name={cfg.cache.name}_rpn-{digest}",
+             f"cache.num_proposals={cfg.cache.num_proposals}"]
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(
+        cfg.cache, proposals=str(proposals), name=f"{cfg.cache.name}_rpn-{digest}", split="train"))
+    extract(cfg, progress=progress)
     return cache
 
 
@@ -154,81 +153,52 @@ def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
     summary = rpn_dir / f"teacher_on_{num_proposals}_proposals" / "summary.json"
     if summary.is_file():
         print(f"teacher on proposals: reusing {summary.parent}")
-        return {**json.loads(summary.read_text()), "reused": True}
+        return {**json.loads(summary.read_text()), "reused": True, "eval": str(summary.parent)}
     cfg, teacher, rpn = detection.load_trained(rpn_dir)
-    val = CocoDetection(*dataset_paths(cfg, "val"))
+    val = detection.val_set(cfg)
     novel = val.novel
     metrics = evaluate_teacher_on_proposals(rpn, teacher, val, teacher.text(val.names), novel,
                                             summary.parent, temperature=teacher.temperature,
                                             num_proposals=num_proposals, progress=progress)
     atomic_write(summary, json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    return {**metrics, "eval": str(summary.parent)}
 
 
-def run_world(overrides: list[str], root: Path, progress: bool, students: list[str],
+def run_world(configure, root: Path, progress: bool, students: list[str],
               teacher_baseline: bool = False) -> dict[str, dict]:
-    """Every stage on one world: ViLD-text (and its RPN), proposals, cache, then ``students``.
+    """Every stage on one dataset: ViLD-text (and its RPN), proposals, cache, then ``students``.
 
-    Returns metrics per method (``vild_text``, the others of ``students``, and
-    ``teacher`` with ``teacher_baseline``).
+    ``configure(stage, extra_overrides)`` gives each stage's config (stages ``vild_text``,
+    ``extract`` and each of ``students``). Returns metrics per method (``vild_text``, the
+    others of ``students``, and ``teacher`` with ``teacher_baseline``), each with its run
+    directory as ``run``.
     """
-    rpn_dir, vild_text = student_stage("vild_text", overrides, root, progress)
-    results = {"vild_text": vild_text}
+    rpn_dir, vild_text = student_stage("vild_text", configure("vild_text", []), root, progress)
+    results = {"vild_text": {**vild_text, "run": str(rpn_dir), "eval": str(rpn_dir / "eval")}}
     proposals = proposals_stage(rpn_dir, progress)
-    cache = extract_stage(proposals, overrides, progress)
+    cache = extract_stage(proposals, configure("extract", []), progress)
     for name in students:
         if name != "vild_text":
-            results[name] = student_stage(name, overrides, root, progress, cache)[1]
+            run, metrics = student_stage(name, configure(name, cache), root, progress)
+            results[name] = {**metrics, "run": str(run), "eval": str(run / "eval")}
     if teacher_baseline:
         results["teacher"] = teacher_stage_on_proposals(rpn_dir, progress)
     return results
+
+
+def pct(value: float) -> str:
+    """A metric in percent, one decimal; "-" for -1 (no ground truth to score)."""
+    return "-" if value < 0 else f"{100 * value:.1f}"
 
 
 def table(rows: dict[str, dict]) -> str:
     lines = ["| method | novel AP50 | base AP50 | all AP50 | AP | images/s |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, m in rows.items():
-        lines.append(f"| {LABELS.get(name, name)} | {100 * m['AP50_novel']:.1f} | "
-                     f"{100 * m['AP50_base']:.1f} | {100 * m['AP50_all']:.1f} | "
-                     f"{100 * m['AP']:.1f} | {m['images_per_s']:.1f} |")
+        lines.append(f"| {LABELS.get(name, name)} | {pct(m['AP50_novel'])} | "
+                     f"{pct(m['AP50_base'])} | {pct(m['AP50_all'])} | "
+                     f"{pct(m['AP'])} | {m['images_per_s']:.1f} |")
     return "\n".join(lines)
-
-
-def main_job(cfg: ExperimentConfig, overrides: list[str], progress: bool = True) -> dict:
-    """The main job (``tools/pipeline.py``): world, teacher, ViLD-text, proposals, cache,
-    ViLD, the pixel-distilled segmenter; prints the tables, writes
-    ``output_dir/pipeline.json`` and returns its content. ``overrides`` reach every stage."""
-    out = Path(cfg.output_dir)
-    save_config(cfg, out / "config.yaml")
-    summary: dict = {"config": str(out / "config.yaml")}
-
-    t = time.perf_counter()
-    world = generate_world(cfg.world, progress=progress)
-    print(summarize(world))
-    summary["world"] = {"path": str(world.root), "seconds": round(time.perf_counter() - t, 2)}
-
-    _, summary["teacher"] = teacher_stage(cfg, world, progress)
-
-    # the user's overrides reach every stage; the stage files set the rest
-    summary["students"] = run_world(list(overrides), out, progress, ["vild_text", "vild"])
-    box_table = table(summary["students"])
-    summary["table"] = box_table
-
-    # the pixel-distilled student segmenter (the segmentation ablation's stage, shared with it)
-    seg = seg_stage("seg_distill", list(overrides), out / "seg", progress)
-    summary["segmenter"] = seg
-    summary["seg_table"] = seg_table = (
-        "| method | base mIoU | novel mIoU | all mIoU | images/s |\n|---|---:|---:|---:|---:|\n"
-        f"| pixel-distilled student | {100 * seg['mIoU_base']:.1f} | "
-        f"{100 * seg['mIoU_novel']:.1f} | {100 * seg['mIoU']:.1f} | {seg['images_per_s']:.1f} |")
-    print("\nbox AP on the val split, generalized setting (all classes in the vocabulary):")
-    print(box_table)
-    print("\nsegmentation mIoU on the val split (every object and stuff class named):")
-    print(seg_table)
-
-    atomic_write(out / "pipeline.json", json.dumps(summary, indent=2) + "\n")
-    print(f"results: {out / 'pipeline.json'}")
-    return summary
 
 
 # --------------------------------------------------------------------------- the ViLD ablation
@@ -334,7 +304,12 @@ def _set_threads(n: int) -> None:
 def ablation_seed(overrides: list[str], out: Path, progress: bool) -> dict[str, dict]:
     """Every stage of one world seed (the last override names it)."""
     print(f"\n=== {overrides[-1]} ===", flush=True)
-    return run_world(overrides, out, progress, METHODS[:-1], teacher_baseline=True)
+
+    def configure(stage: str, extra: list[str]) -> ExperimentConfig:
+        return load_config(STUDENTS.get(stage, CONFIGS / "shapes" / "extract.yaml"),
+                           [*overrides, *extra])
+
+    return run_world(configure, out, progress, METHODS[:-1], teacher_baseline=True)
 
 
 def ablation(cfg: ExperimentConfig, overrides: list[str], seeds: list[int], command: str,
@@ -363,8 +338,11 @@ def ablation(cfg: ExperimentConfig, overrides: list[str], seeds: list[int], comm
 
 
 def seg_stage(name: str, overrides: list[str], root: Path, progress: bool) -> dict:
-    """Train and evaluate (or reuse) one stage; returns its metrics."""
-    cfg = load_config(CONFIGS / "shapes" / f"{name}.yaml", overrides)
+    """Train and evaluate (or reuse) one stage, ``configs/shapes/<name>.yaml`` or the config
+    file ``name`` (``*.yaml``); returns its metrics."""
+    path = Path(name) if name.endswith(".yaml") else CONFIGS / "shapes" / f"{name}.yaml"
+    name = path.stem
+    cfg = load_config(path, overrides)
     out = stage_dir(root, name, cfg, unread=())
     summary = out / "eval" / "summary.json"
     if summary.is_file():

@@ -24,7 +24,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert 0 <= summary["teacher"]["zero_shot"]["top1_novel"] <= 1
     assert (tmp_path / "out/config.yaml").is_file()
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
-    assert stages == ["seg", "vild", "vild_text"]
+    assert stages == ["export", "pictures", "report", "seg", "vild", "vild_text"]
+    assert (tmp_path / "out/report.md").is_file()
     assert [p.name.split("-")[0] for p in (tmp_path / "out/seg").iterdir()] == ["seg_distill"]
     proposals = list((tmp_path / "out").glob("vild_text-*/proposals_train.safetensors"))
     assert len(proposals) == 1

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ovdistill.report import draw
+
 from . import cli
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-NOVEL, BASE = (255, 0, 255), (0, 220, 255)
-MASK_ALPHA = 0.45  # opacity of a mask's fill
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,33 +58,6 @@ def image_paths(items: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"image not found: {p}")
     return paths
-
-
-def draw(image, found: dict):
-    """A copy of ``image`` (PIL) with each detection's box and ``name score`` drawn, over
-    its mask (``found["masks"]`` (N, H, W) bool, when given) filled in the same colour."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    image = image.convert("RGB")
-    if len(found.get("masks", ())):
-        pixels = np.asarray(image, dtype=np.float32).copy()
-        for mask, novel in zip(found["masks"], found["novel"], strict=True):
-            colour = np.asarray(NOVEL if novel else BASE, dtype=np.float32)
-            pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * colour
-        image = Image.fromarray(pixels.round().astype(np.uint8))
-    pen = ImageDraw.Draw(image)
-    for box, score, name, novel in zip(found["boxes"], found["scores"], found["names"],
-                                       found["novel"], strict=True):
-        colour = NOVEL if novel else BASE
-        x0, y0, x1, y1 = (float(v) for v in box)
-        pen.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-        label = f"{name} {score:.2f}"
-        left, top, right, bottom = pen.textbbox((x0, y0), label)
-        ty = max(0.0, y0 - (bottom - top) - 2)
-        pen.rectangle([x0, ty, x0 + right - left + 2, ty + bottom - top + 2], fill=colour)
-        pen.text((x0 + 1, ty), label, fill=(0, 0, 0))
-    return image
 
 
 def teacher_predictor(student, score_threshold: float):

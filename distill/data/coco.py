@@ -17,11 +17,12 @@ One sample dict per image, shared by extraction, student training and evaluation
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +140,28 @@ def image_problem(path: Path, image: dict) -> str | None:
     return None
 
 
-def is_novel(category: dict) -> bool:
-    """Tagged ``"split": "novel"`` (OV files, synthetic world), or, in an untagged LVIS file,
-    a rare class (``"frequency": "r"``)."""
+def is_novel(category: dict, novel: Collection[str] | None = None) -> bool:
+    """In ``novel`` (names, any case, ``_`` as space) when given; else tagged ``"split":
+    "novel"`` (OV files, synthetic world), or, in an untagged LVIS file, a rare class
+    (``"frequency": "r"``)."""
+    if novel is not None:
+        return name_key(category["name"]) in {name_key(n) for n in novel}
     return category.get("split") == "novel" or (
         "split" not in category and category.get("frequency") == "r")
+
+
+def name_key(name: str) -> str:
+    """How two class names are compared: case, ``_`` / space and outer spaces ignored."""
+    return " ".join(str(name).replace("_", " ").split()).lower()
 
 
 class CocoDetection(Dataset):
     """A COCO-format instances file plus its image directory.
 
     ``category_ids`` restricts the categories to those ids, in that order (labels
-    follow it), or ``"base"`` to the file's non-novel ones (:func:`is_novel`); annotations
-    of other categories are dropped, every image is kept.
+    follow it), or ``"base"`` to the file's non-novel ones (:func:`is_novel`, with the
+    ``novel`` names when given, else the file's tags); annotations of other categories are
+    dropped, every image is kept.
     Crowd annotations (``iscrowd=1``) are not boxes: their xyxy boxes are in
     ``crowd_boxes (M, 4)``.
     ``ids``: image ids in file order; ``categories``: the category dicts (with a
@@ -168,8 +178,9 @@ class CocoDetection(Dataset):
 
     def __init__(self, instances_json: str | os.PathLike, image_dir: str | os.PathLike,
                  category_ids: Sequence[int] | str | None = None, with_masks: bool = False,
-                 on_error: str = "fail") -> None:
+                 on_error: str = "fail", novel: Collection[str] | None = None) -> None:
         self.instances_json = Path(instances_json)
+        self.novel_names = None if novel is None else list(novel)
         self.image_dir = Path(image_dir)
         self.with_masks = with_masks
         if on_error not in ON_ERROR:
@@ -183,7 +194,8 @@ class CocoDetection(Dataset):
             if category_ids is None:
                 category_ids = [int(c["id"]) for c in data["categories"]]
             elif category_ids == "base":
-                category_ids = [int(c["id"]) for c in data["categories"] if not is_novel(c)]
+                category_ids = [int(c["id"]) for c in data["categories"]
+                                if not is_novel(c, self.novel_names)]
             unknown = [c for c in category_ids if int(c) not in cats]
             if unknown:
                 raise DatasetError(f"{where}: category ids {unknown[:10]} are not in the file")
@@ -240,7 +252,7 @@ class CocoDetection(Dataset):
     @property
     def novel(self) -> list[bool]:
         """Per category in label order: :func:`is_novel`."""
-        return [is_novel(c) for c in self.categories]
+        return [is_novel(c, self.novel_names) for c in self.categories]
 
     def index(self, image_id: int) -> int:
         return self._index[image_id]
@@ -334,3 +346,90 @@ def dataset_paths(cfg: ExperimentConfig, split: str) -> tuple[Path, Path]:
     from distill.data.synthetic import generate_world  # cv2 etc. only when needed
     world = generate_world(cfg.world, progress=False)
     return world.instances[split], world.images["train" if split == "train_all" else split]
+
+
+def detection_set(cfg: ExperimentConfig, split: str, **kwargs: Any) -> CocoDetection:
+    """``split`` of ``cfg``'s data (:func:`dataset_paths`) with its novel classes
+    (``data.novel``) and ``data.on_error``; ``kwargs`` go to :class:`CocoDetection`."""
+    kwargs.setdefault("on_error", cfg.data.on_error)
+    kwargs.setdefault("novel", cfg.data.novel)
+    return CocoDetection(*dataset_paths(cfg, split), **kwargs)
+
+
+@dataclasses.dataclass
+class ClassSplit:
+    """Which classes a run trains on and which it holds out (:func:`split_classes`)."""
+
+    base: list[str]  # trained on (annotated in the train split), val names
+    novel: list[str]  # held out and scored apart
+    untrained: list[str]  # no annotation in either split: in the vocabulary, never trained
+    source: str  # how ``novel`` was decided, in words
+    novel_setting: list[str] | None  # the ``data.novel`` the stages get (None: the file tags)
+
+
+def annotated(data: CocoDetection) -> set[str]:
+    """:func:`name_key` of every category with at least one (non-crowd) box in ``data``."""
+    labels = {int(a["category_id"]) for anns in data.anns for a in anns if not a.get("iscrowd")}
+    return {name_key(c["name"]) for c in data.categories if int(c["id"]) in labels}
+
+
+def check_categories(data: CocoDetection) -> None:
+    """Every category has a name, and no two share one (any case)."""
+    seen: dict[str, int] = {}
+    for c in data.categories:
+        key = name_key(c.get("name") or "")
+        if not key:
+            raise DatasetError(f"{data.instances_json}: category {c['id']} has an empty name")
+        if key in seen:
+            raise DatasetError(f"{data.instances_json}: categories {seen[key]} and {c['id']} "
+                               f"are both named '{c['name']}'")
+        seen[key] = c["id"]
+
+
+def check_images(data: CocoDetection) -> None:
+    """Every image file of ``data`` exists (checked before hours of training, not during)."""
+    missing = [data.image_path(i) for i in range(len(data))
+               if not data.image_path(i).is_file()]
+    if missing:
+        raise DatasetError(f"{data.instances_json}: {len(missing)} of {len(data)} image files "
+                           f"are missing from {data.image_dir}, e.g. {missing[0].name} "
+                           f"(data.on_error=skip leaves those images out)")
+
+
+def split_classes(train: CocoDetection, val: CocoDetection,
+                  novel: Sequence[str] | None = None) -> ClassSplit:
+    """Base and novel classes of a run, decided in this order: ``novel`` (names) when given;
+    else the files' ``split`` tags (or LVIS frequencies); else the val classes annotated in
+    val but not in train. A class without training annotations is never trained (it would
+    only learn to be background): it is novel when val annotates it, else ``untrained``.
+    Both files' categories are checked (:func:`check_categories`)."""
+    for data in (train, val):
+        check_categories(data)
+    names = [c["name"].replace("_", " ") for c in val.categories]
+    in_train, in_val = annotated(train), annotated(val)
+    trained = lambda n: name_key(n) in in_train  # noqa: E731
+    tagged = any("split" in c or "frequency" in c for c in (*train.categories, *val.categories))
+    if novel is not None:
+        known = {name_key(n) for n in names}
+        unknown = [n for n in novel if name_key(n) not in known]
+        if unknown:
+            raise DatasetError(f"data.novel: {unknown[:5]} are not categories of "
+                               f"{val.instances_json}")
+        held = {name_key(n) for n in novel}
+        source = "data.novel"
+    elif tagged:
+        held = {name_key(c["name"]) for c in val.categories if is_novel(c)}
+        source = f"the split tags of {val.instances_json.name}"
+    else:
+        held = {name_key(n) for n in names if not trained(n) and name_key(n) in in_val}
+        source = "annotated in val, none in train"
+    untrained = [n for n in names if name_key(n) not in held | in_train | in_val]
+    novel_names = [n for n in names if name_key(n) in held or
+                   (not trained(n) and name_key(n) in in_val)]
+    base = [n for n in names if n not in novel_names and n not in untrained]
+    # a train-file class with no training box must not sit in the training vocabulary
+    idle = [c["name"].replace("_", " ") for c in train.categories
+            if name_key(c["name"]) not in in_train | held]
+    setting = None if (novel is None and tagged and not idle) else \
+        list(dict.fromkeys([*novel_names, *untrained, *idle]))
+    return ClassSplit(base, novel_names, untrained, source, setting)

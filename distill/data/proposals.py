@@ -114,12 +114,16 @@ def load_proposals(path: str | os.PathLike) -> Proposals:
             for k, i in enumerate(ids.tolist())}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-    return sha.hexdigest()
+def tensors_sha256(path: str | os.PathLike) -> str:
+    """sha256 over a safetensors file's tensors (names and bytes in name order): the file's
+    own bytes are not stable, its header lists the metadata in a different order each write."""
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(path)).items()):
+        digest.update(name.encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- sources
@@ -164,7 +168,8 @@ def top_k(boxes: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np
 class ProposalSource:
     """``cache.proposals`` as a function ``(image_id, gt boxes (G, 4), height, width) ->
     (boxes (N, 4) float32 xyxy, scores (N,) float32)``; ``description`` names it
-    (for the cache fingerprint: the method and its parameters, or the file's sha256)."""
+    (for the cache fingerprint: the method and its parameters, or the file's tensors'
+    sha256)."""
 
     def __init__(self, cfg: CacheConfig, seed: int = 0) -> None:
         if cfg.num_proposals < 1:
@@ -183,7 +188,7 @@ class ProposalSource:
                 raise ConfigError(f"cache.proposals must be {' | '.join(BUILTIN)} or a proposals "
                                   f"file; file not found: {path}")
             self.file = load_proposals(path)
-            self.description = f"file(sha256={file_sha256(path)[:16]})"
+            self.description = f"file(tensors_sha256={tensors_sha256(path)[:16]})"
             self.path = path
 
     @property
