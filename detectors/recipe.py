@@ -25,7 +25,14 @@ from detectors.inference import evaluate_detector, write_proposals
 from detectors.vild import hflip_target
 from distill.cache import EmbeddingCache, open_cache
 from distill.config import ExperimentConfig, atomic_write, save_config
-from distill.data.coco import CocoDetection, DatasetError, collate, dataset_paths
+from distill.data.coco import (
+    CocoDetection,
+    DatasetError,
+    check_categories,
+    collate,
+    dataset_paths,
+    detection_set,
+)
 from distill.engine import final_weights, init_distributed, load_weights, resolve_device, seed_all
 from distill.engine import train as train_loop
 from distill.losses import build_criterion
@@ -97,32 +104,26 @@ def load_trained(run_dir: str | Path) -> tuple[ExperimentConfig, Teacher, ViLD]:
 
 
 def check_names(data: CocoDetection, what: str = "categories") -> None:
-    """The text classifier needs distinct class names: at least one, none repeated."""
+    """The text classifier needs distinct class names: at least one, none empty or repeated."""
     if not data.categories:
         raise DatasetError(f"{data.instances_json}: no {what} (an empty vocabulary)")
-    seen: dict[str, int] = {}
-    for c, name in zip(data.categories, data.names, strict=True):
-        if name.lower() in seen:
-            raise DatasetError(f"{data.instances_json}: categories {seen[name.lower()]} and "
-                               f"{c['id']} are both named '{name}'")
-        seen[name.lower()] = c["id"]
+    check_categories(data)
 
 
 def train_set(cfg: ExperimentConfig) -> CocoDetection:
-    """The train split in the base vocabulary (masks with ``model.mask_head``)."""
-    instances, images = dataset_paths(cfg, "train")
-    data = CocoDetection(instances, images, category_ids="base",
-                         with_masks=cfg.model.mask_head, on_error=cfg.data.on_error)
+    """The train split in the base vocabulary (``data.novel`` or the file's tags; masks with
+    ``model.mask_head``)."""
+    data = detection_set(cfg, "train", category_ids="base", with_masks=cfg.model.mask_head)
     check_names(data, "base categories to train on")
     if not any(data.anns):
-        raise DatasetError(f"{instances}: no annotations of the {len(data.names)} base "
+        raise DatasetError(f"{data.instances_json}: no annotations of the {len(data.names)} base "
                            f"categories to train on")
     return data
 
 
 def val_set(cfg: ExperimentConfig) -> CocoDetection:
     """The val split, every category (generalized setting)."""
-    val = CocoDetection(*dataset_paths(cfg, "val"), on_error=cfg.data.on_error)
+    val = detection_set(cfg, "val")
     check_names(val)
     return val
 
