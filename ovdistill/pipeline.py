@@ -18,7 +18,9 @@ each cached on disk and reused by the next run:
 5. extraction: the teacher's embeddings of ``cache.num_proposals`` of them per image;
 6. ViLD: the config as it is (``loss.vild_image`` > 0), distilled from that cache;
 7. with ``pipeline.teacher_baseline`` (``--with-teacher``): the teacher on the val proposals;
-8. the segmenter of ``pipeline.segmenter`` (the embedded world only; ``output_dir/seg``);
+8. the segmenter of ``pipeline.segmenter`` (``output_dir/seg``), where the data has instance
+   masks (label maps painted from them: distill.data.semantic.InstanceSemantic) or is the
+   embedded world (its own label maps);
 9. the export of ViLD (``output_dir/export``; ONNX with ``pipeline.onnx``), val pictures
    drawn with it, and ``report.md`` (ovdistill/report.py) with the tables and PNGs.
 
@@ -68,6 +70,7 @@ def data_stage(cfg: ExperimentConfig, progress: bool) -> tuple[ClassSplit, dict]
         for data in (train, val):
             check_images(data)
     split = split_classes(train, val, cfg.data.novel)
+    info["masks"] = any(a.get("segmentation") for anns in train.anns for a in anns)
     info.update(train={"instances": str(train.instances_json), "images": len(train)},
                 val={"instances": str(val.instances_json), "images": len(val)},
                 base=split.base, novel=split.novel, untrained=split.untrained,
@@ -149,6 +152,18 @@ def _world_fingerprint(cfg: ExperimentConfig) -> str:
     return generate_world(cfg.world, progress=False).fingerprint
 
 
+def seg_data(cfg: ExperimentConfig) -> list[str]:
+    """Overrides that point the segmenter's config at the run's data and teacher (none for
+    the embedded world, whose segmenter config names its own)."""
+    if embedded(cfg):
+        return []
+    keys = {"data": ("benchmark", "train_instances", "train_images", "val_instances",
+                     "val_images", "novel", "on_error"),
+            "teacher": ("model", "model_config", "pretrained", "templates", "device")}
+    return [f"{section}.{key}={json.dumps(getattr(getattr(cfg, section), key))}"
+            for section, names in keys.items() for key in names]
+
+
 def main_job(config: str | Path, overrides: list[str], progress: bool = True) -> dict:
     """Every stage of the config file ``config`` with ``overrides``: prints the tables,
     writes ``output_dir/pipeline.json`` and ``report.md``, returns the summary."""
@@ -174,13 +189,12 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
                                                teacher_baseline=cfg.pipeline.teacher_baseline)
     summary["table"] = box_table = table(students)
 
-    if cfg.pipeline.segmenter and embedded(cfg):
-        seg = seg_stage(cfg.pipeline.segmenter, user, out / "seg", progress)
+    if cfg.pipeline.segmenter and (embedded(cfg) or summary["data"]["masks"]):
+        seg = seg_stage(cfg.pipeline.segmenter, [*seg_data(cfg), *user], out / "seg", progress)
         summary["segmenter"] = seg
         summary["seg_table"] = report.seg_table(seg)
     elif cfg.pipeline.segmenter:
-        print("segmenter: skipped (the pipeline trains one on the embedded world only; "
-              "tools/train_seg.py trains on ADE20k)")
+        print("segmenter: skipped (no instance masks in the training annotations)")
 
     export = export_run(students["vild"]["run"], out / "export", onnx=cfg.pipeline.onnx)
     summary["export"] = str(export)

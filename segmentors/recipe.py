@@ -20,8 +20,14 @@ import torch
 
 from distill.cache import open_cache
 from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
-from distill.data.coco import dataset_paths, read_instances
-from distill.data.semantic import SemanticDataset, ade20k, collate_semantic, synthetic_semantic
+from distill.data.coco import dataset_paths, detection_set, read_instances
+from distill.data.semantic import (
+    InstanceSemantic,
+    SemanticDataset,
+    ade20k,
+    collate_semantic,
+    synthetic_semantic,
+)
 from distill.engine import final_weights, init_distributed, load_weights, resolve_device, seed_all
 from distill.engine import train as train_loop
 from distill.evaluation.sem_seg import SemSegEvaluator, overlay
@@ -37,7 +43,14 @@ OVERLAYS = 6  # val images drawn with their predictions
 
 def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
     """(train, val): ADE20k under ``seg.data_root`` (or the datasets root with
-    ``data.benchmark: ade20k``), else the synthetic world."""
+    ``data.benchmark: ade20k``); label maps painted from the instance masks of COCO-format
+    files (``data.train_instances`` ...; the val classes, novel by ``data.novel`` or the
+    files' tags); else the synthetic world."""
+    if cfg.seg.data_root is None and cfg.data.benchmark is None and \
+            cfg.data.train_instances is not None:
+        val = detection_set(cfg, "val")
+        return (InstanceSemantic(detection_set(cfg, "train"), val.names, val.novel),
+                InstanceSemantic(val, val.names, val.novel))
     root = cfg.seg.data_root
     if root is None and cfg.data.benchmark is not None:
         from distill.data.roots import ade20k_root

@@ -4,10 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from distill.data.coco import CocoDetection, DatasetError, check_images, split_classes
 from tools import pipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 # category ids that are not 1..N, no "split" tags; "ring" and "bolt" appear in val only,
 # "drop" is listed in the training file but annotated nowhere
@@ -37,7 +40,9 @@ def write_split(root, split, count, ids, seed):
             pen.rectangle([x, y, x + s, y + s], fill=COLOURS[cid])
             anns.append({"id": 1000 + len(anns), "image_id": 500 + i, "category_id": cid,
                          "bbox": [x, y, s + 1, s + 1], "area": float((s + 1) ** 2),
-                         "iscrowd": 0})
+                         "iscrowd": 0,
+                         "segmentation": [[x, y, x + s + 1, y, x + s + 1, y + s + 1, x,
+                                           y + s + 1]]})
         im.save(folder / f"img{i:03d}.png")
         images.append({"id": 500 + i, "file_name": f"img{i:03d}.png", "width": 96, "height": 80})
     ann = root / f"{split}.json"
@@ -94,6 +99,9 @@ def test_pipeline_on_plain_coco_files(tmp_path, dataset, capsys):
         if png == "predictions":  # 3 pictures in a row of 4 cells of 320 px
             assert im.size == (4 * 320, 320)
     assert len(list((tmp_path / "out/pictures").glob("*.png"))) == 3
+    # the masks made a segmenter too, on the same classes
+    assert "| pixel-distilled student |" in summary["seg_table"]
+    assert summary["segmenter"]["mIoU_novel"] >= 0 and "## Segmentation mIoU" in report
 
 
 def test_changed_annotations_rerun_the_stages_that_read_them(tmp_path, dataset, capsys):
@@ -172,3 +180,35 @@ def test_missing_images_fail_before_training_and_lose_nothing(tmp_path, dataset,
     assert keep.read_text() == "mine" and not list((tmp_path / "out").glob("vild_text-*"))
     with pytest.raises(DatasetError, match="1 of 5 image files"):
         check_images(CocoDetection(tmp_path / "data/val.json", tmp_path / "data/val_images"))
+
+
+def test_label_maps_painted_from_instance_masks(tmp_path):
+    """Two overlapping polygons (the smaller on top), a box without a mask, a crowd region,
+    and a category outside the classes: each pixel checked by hand."""
+    ann = {"images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 8}],
+           "categories": [{"id": 5, "name": "Big"}, {"id": 9, "name": "small"},
+                          {"id": 3, "name": "boxed"}, {"id": 4, "name": "other"}],
+           "annotations": [
+               {"id": 1, "image_id": 1, "category_id": 9, "bbox": [2, 2, 2, 2], "area": 4,
+                "iscrowd": 0, "segmentation": [[2, 2, 4, 2, 4, 4, 2, 4]]},
+               {"id": 2, "image_id": 1, "category_id": 5, "bbox": [0, 0, 6, 6], "area": 36,
+                "iscrowd": 0, "segmentation": [[0, 0, 6, 0, 6, 6, 0, 6]]},
+               {"id": 3, "image_id": 1, "category_id": 3, "bbox": [7, 5, 2, 3], "area": 6,
+                "iscrowd": 0},
+               {"id": 4, "image_id": 1, "category_id": 4, "bbox": [7, 0, 3, 2], "area": 6,
+                "iscrowd": 0, "segmentation": [[7, 0, 10, 0, 10, 2, 7, 2]]},
+               {"id": 5, "image_id": 1, "category_id": 5, "bbox": [0, 6, 2, 2], "area": 4,
+                "iscrowd": 1, "segmentation": [[0, 6, 2, 6, 2, 8, 0, 8]]}]}
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    Image.new("RGB", (10, 8)).save(tmp_path / "a.png")
+    from distill.data.semantic import IGNORE, InstanceSemantic
+
+    data = InstanceSemantic(CocoDetection(tmp_path / "a.json", tmp_path),
+                            ["small", "big", "boxed"], [True, False, False])
+    labels = data[0]["labels"]
+    expected = torch.full((8, 10), IGNORE)
+    expected[0:6, 0:6] = 1  # "Big" (any case)
+    expected[2:4, 2:4] = 0  # "small", painted over it
+    expected[5:8, 7:9] = 2  # "boxed": no segmentation, its box
+    assert torch.equal(labels, expected)  # "other" and the crowd stay unlabelled
+    assert data.novel_ids == [0] and len(data) == 1

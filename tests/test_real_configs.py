@@ -15,7 +15,7 @@ from PIL import Image
 from detectors import recipe as detection
 from distill.config import load_config
 from segmentors import recipe as segmentation
-from tools import extract, make_ov_coco, make_ov_lvis, train, train_seg
+from tools import extract, make_ov_coco, make_ov_lvis, pipeline, train, train_seg
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -159,3 +159,23 @@ def test_missing_dataset_root_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert str(tmp_path / "nowhere" / "ADEChallengeData2016") in err and "validation" in err
+
+
+@pytest.mark.parametrize("bench, make", [("coco_ov", make_ov_coco), ("lvis", make_ov_lvis)])
+def test_benchmark_pipeline_is_one_command(datasets, tmp_path, capsys, bench, make):
+    """docs/reproduce.md's one command per benchmark: every stage, the export, the report."""
+    assert make.main([]) == 0
+    out = tmp_path / "outputs" / bench
+    assert pipeline.main(["--config", str(REPO / f"configs/{bench}/pipeline.yaml"), "--no-progress",
+                          *TINY, *ONE_STEP, *DETECTOR, f"output_dir={out}",
+                          f"cache.root={tmp_path / 'cache'}", "pipeline.pictures=1"]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "pipeline.json").read_text())
+    # the novel classes come from the split tags (OV-COCO) or LVIS's rare frequency
+    assert "novel classes (the split tags of " in text
+    val = load_config(out / "config.yaml")
+    names = detection.val_set(val)
+    assert summary["data"]["novel"] == [n for n, v in zip(names.names, names.novel, strict=True)
+                                        if v]
+    assert (out / "export" / "model.safetensors").is_file() and (out / "report.md").is_file()
+    assert {"vild_text", "vild"} == set(summary["students"])

@@ -146,3 +146,42 @@ def collate_semantic(batch: list[dict]) -> dict[str, Any]:
     if all("dense" in b for b in batch):  # cached teacher dense maps (segmentors/recipe.py)
         out["dense"] = torch.stack([b["dense"] for b in batch])
     return out
+
+
+class InstanceSemantic(torch.utils.data.Dataset):
+    """Label maps painted from a COCO-format detection set's instance masks (polygons or
+    RLE; a record without one fills its box): ``classes`` names the labels (0..C-1, matched
+    to the categories by name, any case); pixels of no instance, of a crowd or of a
+    category not in ``classes`` are :data:`IGNORE`. Larger instances are painted first, so
+    a smaller one on top keeps its pixels."""
+
+    def __init__(self, detection, classes: Sequence[str], novel: Sequence[bool]):
+        from distill.data.coco import name_key
+
+        self.detection = detection
+        self.detection.with_masks = True
+        self.classes, self.novel = list(classes), list(novel)
+        index = {name_key(c): k for k, c in enumerate(self.classes)}
+        # dataset label (1 + category index) -> class index, IGNORE for unknown names
+        self.lut = torch.tensor([IGNORE] + [index.get(name_key(c["name"]), IGNORE)
+                                             for c in detection.categories], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.detection)
+
+    @property
+    def novel_ids(self) -> list[int]:
+        return [k for k, n in enumerate(self.novel) if n]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.detection[i]
+        h, w = s["image"].shape[1:]
+        labels = torch.full((h, w), IGNORE, dtype=torch.int64)
+        masks = s["masks"].bool()
+        for k, box in enumerate(s["boxes"]):
+            if not masks[k].any():  # no segmentation in the record: its box
+                x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+                masks[k, max(y0, 0):y1, max(x0, 0):x1] = True
+        for k in masks.flatten(1).sum(1).argsort(descending=True, stable=True).tolist():
+            labels[masks[k]] = self.lut[s["labels"][k]]
+        return {"image": s["image"], "labels": labels, "file_name": s["file_name"]}
