@@ -204,7 +204,9 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
     print("\nbox AP on the val split, generalized setting (every val class named):")
     print(box_table)
     if "seg_table" in summary:
-        print("\nsegmentation mIoU on the val split (every object and stuff class named):")
+        what = "every object and stuff class named" if embedded(cfg) else \
+            "every val class named; pixels of no instance not scored"
+        print(f"\nsegmentation mIoU on the val split ({what}):")
         print(summary["seg_table"])
     atomic_write(out / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     summary["report"] = str(report.write_report(out, summary))

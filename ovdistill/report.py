@@ -16,16 +16,16 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from distill.config import atomic_write
-from distill.evaluation.plots import BASE_COLOR, NOVEL_COLOR
+from distill.evaluation.plots import BASE_COLOR, NOVEL_COLOR, figure_png
 
 NOVEL, BASE = (255, 0, 255), (0, 220, 255)
 MASK_ALPHA = 0.45  # opacity of a mask's fill
 CELL = 320  # side of a picture in the predictions grid, pixels
+MAX_BARS = 40  # classes per panel of the per-class plot (the first, in val order)
 
 
 def draw(image: Image.Image, found: dict) -> Image.Image:
@@ -93,13 +93,6 @@ def grid(paths: list[Path], columns: int = 4, cell: int = CELL) -> Image.Image:
     return sheet
 
 
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def training_curves(runs: dict[str, Path]) -> bytes:
     """Each run's logged losses (``metrics.jsonl``) against iterations, a panel a run."""
     fig = Figure(figsize=(5.5 * len(runs), 3.6))
@@ -119,14 +112,15 @@ def training_curves(runs: dict[str, Path]) -> bytes:
         ax.set_ylabel("loss")
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def per_class_bars(per_class: dict[str, dict[str, float]], novel: set[str]) -> bytes:
-    """AP50 per class, one bar per method side by side; base classes left, novel right."""
+    """AP50 per class, one bar per method side by side; base classes left, novel right (the
+    first :data:`MAX_BARS` of each, in val order)."""
     groups = [("base classes", [c for c in next(iter(per_class.values())) if c not in novel]),
               ("novel classes", [c for c in next(iter(per_class.values())) if c in novel])]
-    groups = [(title, names) for title, names in groups if names]
+    groups = [(title, names[:MAX_BARS]) for title, names in groups if names]
     fig = Figure(figsize=(6 * len(groups), max(2.5, 0.3 * max(len(n) for _, n in groups)
                                                * len(per_class) / 2 + 1.2)))
     width = 0.8 / len(per_class)
@@ -144,7 +138,7 @@ def per_class_bars(per_class: dict[str, dict[str, float]], novel: set[str]) -> b
         ax.set_xlabel("AP50")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def seg_table(seg: dict) -> str:
@@ -163,13 +157,14 @@ def write_report(out: Path, summary: dict) -> Path:
     figures = out / "report"
     data, students = summary["data"], summary["students"]
     novel = set(data["novel"])
-    per_class = {}
+    per_class = {}  # COCO-style evaluations only (LVIS's reports APr / APc / APf)
     for name, m in students.items():
         metrics = Path(m["eval"]) / "metrics.json"
-        if metrics.is_file():
-            per_class[LABELS.get(name, name)] = json.loads(metrics.read_text())["bbox"][
-                "per_class_AP50"]
-    atomic_write(figures / "per_class_ap50.png", per_class_bars(per_class, novel))
+        bbox = json.loads(metrics.read_text())["bbox"] if metrics.is_file() else {}
+        if "per_class_AP50" in bbox:
+            per_class[LABELS.get(name, name)] = bbox["per_class_AP50"]
+    if per_class:
+        atomic_write(figures / "per_class_ap50.png", per_class_bars(per_class, novel))
     runs = {LABELS.get(n, n): Path(m["run"]) for n, m in students.items() if "run" in m}
     atomic_write(figures / "training_curves.png", training_curves(runs))
     sheet = figures / "predictions.png"
@@ -177,6 +172,9 @@ def write_report(out: Path, summary: dict) -> Path:
         save_png(grid([Path(p) for p in summary["pictures"]]), sheet)
 
     text, distilled = students["vild_text"], students["vild"]
+    novel_key, novel_label, base_key, base_label = (
+        ("AP50_novel", "novel", "AP50_base", "base AP50") if "AP50_novel" in text
+        else ("APr", "APr (novel: rare)", "APf", "APf (frequent)"))
     teacher = summary["teacher"]["zero_shot"]
     lines = [
         "# Run report", "",
@@ -195,11 +193,12 @@ def write_report(out: Path, summary: dict) -> Path:
         "## Box AP on val (generalized setting: every val class named)", "",
         summary["table"], "",
         f"Retention: the text-only student (ViLD-text, plain fine-tuning on the base classes) "
-        f"reaches {pct(text['AP50_novel'])} novel / {pct(text['AP50_base'])} base AP50; the "
-        f"distilled student (ViLD) {pct(distilled['AP50_novel'])} / "
-        f"{pct(distilled['AP50_base'])}.", "",
-        "![AP50 per class](report/per_class_ap50.png)", "",
-        "## Training", "", "![training curves](report/training_curves.png)", ""]
+        f"reaches {pct(text[novel_key])} {novel_label} / {pct(text[base_key])} {base_label}; "
+        f"the distilled student (ViLD) {pct(distilled[novel_key])} / "
+        f"{pct(distilled[base_key])}.", ""]
+    if per_class:
+        lines += ["![AP50 per class](report/per_class_ap50.png)", ""]
+    lines += ["## Training", "", "![training curves](report/training_curves.png)", ""]
     if "seg_table" in summary:
         lines += ["## Segmentation mIoU on val", "", summary["seg_table"], ""]
     lines += ["## The exported student", "",

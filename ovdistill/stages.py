@@ -192,12 +192,16 @@ def pct(value: float) -> str:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| method | novel AP50 | base AP50 | all AP50 | AP | images/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """Box AP per method: novel / base / all AP50 and AP (COCO-style metrics), or LVIS's
+    APr / APc / APf and AP where the rows have no AP50 by group."""
+    keys = ("AP50_novel", "AP50_base", "AP50_all", "AP")
+    if not all("AP50_novel" in m for m in rows.values()):
+        keys = ("APr", "APc", "APf", "AP")
+    heads = [k.replace("AP50_", "") + " AP50" if k.startswith("AP50_") else k for k in keys]
+    lines = [f"| method | {' | '.join(heads)} | images/s |", "|---|" + "---:|" * 5]
     for name, m in rows.items():
-        lines.append(f"| {LABELS.get(name, name)} | {pct(m['AP50_novel'])} | "
-                     f"{pct(m['AP50_base'])} | {pct(m['AP50_all'])} | "
-                     f"{pct(m['AP'])} | {m['images_per_s']:.1f} |")
+        lines.append(f"| {LABELS.get(name, name)} | {' | '.join(pct(m[k]) for k in keys)} | "
+                     f"{m['images_per_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from distill.config import DetectorConfig, LossConfig
 from distill.data.coco import CocoDetection
 from distill.export import Vocabulary, write_student
 from distill.losses import Criterion, MissingOutputError, build_criterion, mask_loss
+from ovdistill import report
 from tests.parity import assert_same_detections
 from tools import demo
 
@@ -323,7 +324,7 @@ def test_demo_draws_masks_and_writes_rle(student_dir, tmp_path):
     found = {"boxes": np.array([[10.0, 10, 70, 50]]), "scores": np.array([0.9]),
              "names": ["thing"], "novel": [False], "masks": mask}
     drawn = np.asarray(demo.draw(picture, found)).astype(float)
-    inside = (1 - demo.MASK_ALPHA) * 128 + demo.MASK_ALPHA * np.array(demo.BASE)
+    inside = (1 - report.MASK_ALPHA) * 128 + report.MASK_ALPHA * np.array(report.BASE)
     np.testing.assert_allclose(drawn[27, 35], inside, atol=1)
     assert drawn[mask[0]].std(axis=0).max() < 1  # the whole mask, evenly
     assert drawn[45, 60].tolist() == [128, 128, 128]  # inside the box, outside the mask

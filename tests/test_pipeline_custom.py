@@ -212,3 +212,15 @@ def test_label_maps_painted_from_instance_masks(tmp_path):
     expected[5:8, 7:9] = 2  # "boxed": no segmentation, its box
     assert torch.equal(labels, expected)  # "other" and the crowd stay unlabelled
     assert data.novel_ids == [0] and len(data) == 1
+
+
+def test_no_novel_class_measures_base_classes_only(tmp_path, dataset, capsys):
+    train_only = [dataset[0], dataset[1], dataset[0].replace("train_instances", "val_instances", 1),
+                  dataset[1].replace("train_images", "val_images", 1)]
+    assert run(tmp_path, train_only, "pipeline.pictures=0", "pipeline.segmenter=null") == 0
+    out = capsys.readouterr().out
+    assert ("no novel class (annotated in val, none in train): this run measures the base "
+            "classes only") in out
+    summary = json.loads((tmp_path / "out/pipeline.json").read_text())
+    assert summary["data"]["novel"] == [] and summary["students"]["vild"]["AP50_novel"] == -1
+    assert "| ViLD | - | " in summary["table"]

@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 BASE_COLOR, NOVEL_COLOR = "#4c72b0", "#dd8452"
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -52,7 +52,7 @@ def plot_per_class_ap(
     ax.legend(handles=[Patch(color=BASE_COLOR, label="base"),
                        Patch(facecolor=NOVEL_COLOR, hatch="//", label="novel")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_groups(values: Mapping[str, float], title: str = "AP", ylabel: str = "AP") -> bytes:
@@ -69,4 +69,4 @@ def plot_groups(values: Mapping[str, float], title: str = "AP", ylabel: str = "A
     ax.set_xlabel("metric")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    return _png(fig)
+    return figure_png(fig)
