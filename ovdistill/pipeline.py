@@ -174,7 +174,8 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
 
     split, summary["data"] = data_stage(cfg, progress)
     user = list(overrides)
-    if split.novel_setting is not None and cfg.data.novel is None:
+    if split.novel_setting is not None and split.novel_setting != cfg.data.novel:
+        # every stage holds out the novel classes and those without a training box
         overrides = [*overrides, f"data.novel={json.dumps(split.novel_setting)}"]
         cfg = load_config(config, overrides)
     summary["teacher"] = teacher_stage(cfg, progress)

@@ -120,11 +120,20 @@ def test_changed_annotations_rerun_the_stages_that_read_them(tmp_path, dataset, 
 
 
 def test_data_novel_names_the_held_out_classes(tmp_path, dataset, capsys):
-    assert run(tmp_path, dataset, 'data.novel=["Square"]', "pipeline.pictures=0") == 0
+    assert run(tmp_path, dataset, 'data.novel=["Square"]', "pipeline.pictures=0",
+               "pipeline.segmenter=null", "--with-teacher", "--onnx") == 0
     out = capsys.readouterr().out
     assert "2 base classes (trained on): circle, triangle" in out
     assert "3 novel classes (data.novel; held out of training, scored apart): square, " \
            "ring, bolt" in out
+    summary = json.loads((tmp_path / "out/pipeline.json").read_text())
+    assert "| teacher on proposals |" in summary["table"]  # --with-teacher
+    assert (tmp_path / "out/export/model.onnx").is_file()  # --onnx
+    from detectors import load_student
+
+    vocab = load_student(tmp_path / "out/export").vocabulary
+    assert [n for n, v in zip(vocab.names, vocab.novel, strict=True) if v] == \
+        ["square", "ring", "bolt", "drop"]
 
 
 def cats(path, categories, anns=((1, 11),)):
