@@ -52,6 +52,30 @@ def draw(image: Image.Image, found: dict) -> Image.Image:
     return image
 
 
+def draw_label_map(image: Image.Image, found: dict) -> Image.Image:
+    """``image`` with a segmenter's label map (``found``: ``labels`` (H, W) vocabulary
+    indices, ``names``, ``novel``, ``present``) painted over it, unlabelled pixels left
+    clear, and a legend of the names present (by area, novel ones marked "*") on the right."""
+    from distill.evaluation.sem_seg import overlay, palette
+
+    painted = overlay(np.asarray(image.convert("RGB")), found["labels"], found["names"],
+                      found["novel"])
+    colours = palette(len(found["names"]))
+    index = {n: k for k, n in enumerate(found["names"])}
+    pen = ImageDraw.Draw(painted)
+    rows = [(index[n], n + (" *" if found["novel"][index[n]] else "")) for n in found["present"]]
+    width = 16 + max([int(pen.textlength(text)) for _, text in rows] or [0]) + 8
+    sheet = Image.new("RGB", (painted.width + width, max(painted.height, 14 * len(rows) + 4)),
+                      (255, 255, 255))
+    sheet.paste(painted, (0, 0))
+    pen = ImageDraw.Draw(sheet)
+    for row, (k, text) in enumerate(rows):
+        x, y = painted.width + 4, 2 + 14 * row
+        pen.rectangle([x, y, x + 10, y + 10], fill=tuple(int(c) for c in colours[k]))
+        pen.text((x + 14, y), text, fill=(0, 0, 0))
+    return sheet
+
+
 def save_png(image: Image.Image, path: Path) -> Path:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -208,6 +208,22 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     assert found["labels"].shape == pixels.shape[:2]
     np.testing.assert_array_equal(found["labels"], want)
     assert set(found["present"]) <= set(found["names"]) and found["present"]
+    # the demo draws it with a legend and writes the label map and the names' pixel shares
+    from tools import demo
+
+    drawn = tmp_path / "demo"
+    assert demo.main(["--student", str(out), "--output", str(drawn), "--no-progress",
+                      str(image)]) == 0
+    with Image.open(drawn / f"{image.stem}.png") as im:
+        assert im.width > pixels.shape[1] and im.height >= pixels.shape[0]
+        assert np.array_equal(np.asarray(im.convert("RGB"))[:, pixels.shape[1]:].min((0, 1)) <
+                              255, [True] * 3)  # the legend's swatches and names
+    np.testing.assert_array_equal(np.asarray(Image.open(drawn / f"{image.stem}_labels.png")),
+                                  found["labels"])
+    record = json.loads((drawn / "predictions.json").read_text())[0]
+    assert [r["name"] for r in record["present"]] == found["present"]
+    k = found["names"].index(found["present"][0])
+    assert record["present"][0]["share"] == round(float((found["labels"] == k).mean()), 4)
     # ONNX Runtime gives the same label map, at the export's size and at another one, but
     # where the two best logits tie (tests/parity.py)
     onnx = OnnxSegmenter(out, threads=threads)

@@ -1,4 +1,4 @@
-"""Detect with an exported student: images (or folders) -> PNGs with boxes and names + JSON.
+"""Run an exported student on images (or folders) -> PNGs with its findings drawn + JSON.
 
     python -m tools.demo --student exported/vild --output demo/ photo.jpg more/ \\
                          [--vocabulary vocab/] [--score-threshold 0.3]
@@ -13,6 +13,11 @@ for masks ``mask``: COCO compressed RLE ``{"size": [H, W], "counts": str}``).
 ``--show-teacher`` draws, right of the student's result, ViLD's "teacher on cropped
 regions" on the same image: the student's RPN proposes, the teacher recorded in the
 export (its open_clip model and checkpoint, which must be at hand) names the crops.
+
+An exported segmenter gets its label map painted over each image with a legend of the
+names found (novel ones marked "*", unlabelled pixels left clear), the map itself as
+``<stem>_labels.png`` (vocabulary indices), and in ``predictions.json`` each name found
+with its share of the pixels.
 """
 
 from __future__ import annotations
@@ -107,6 +112,9 @@ def _run(args) -> int:
     from detectors import load_student
     from distill.config import atomic_write
 
+    if json.loads((Path(args.student) / "config.json").read_text()).get("task") == \
+            "segmentation":
+        return _segment(args)
     student = load_student(args.student)
     if args.vocabulary:
         student.set_vocabulary(args.vocabulary)
@@ -139,6 +147,42 @@ def _run(args) -> int:
     atomic_write(out / "predictions.json", json.dumps(records, indent=2) + "\n")
     total = sum(len(r["detections"]) for r in records)
     print(f"{len(records)} images, {total} detections: {out}")
+    return 0
+
+
+
+def _segment(args) -> int:
+    """An exported segmenter: each image's label map drawn over it with a legend
+    (``<stem>.png``), the map itself (``<stem>_labels.png``: vocabulary indices, 255
+    unlabelled), and per image the names found with their share of pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from distill.config import atomic_write
+    from ovdistill.report import draw_label_map, save_png
+    from segmentors import load_student
+
+    if args.show_teacher or args.score_threshold is not None:
+        raise ValueError("--show-teacher and --score-threshold are for detection students")
+    student = load_student(args.student)
+    if args.vocabulary:
+        student.set_vocabulary(args.vocabulary)
+    out = Path(args.output)
+    records = []
+    for path in tqdm(image_paths(args.images), desc="demo", disable=args.no_progress):
+        found = student.predict(path)
+        with Image.open(path) as im:
+            save_png(draw_label_map(im, found), out / f"{path.stem}.png")
+        labels = found["labels"]
+        save_png(Image.fromarray(np.where(labels < 255, labels, 255).astype(np.uint8)),
+                 out / f"{path.stem}_labels.png")
+        index = {n: k for k, n in enumerate(found["names"])}
+        records.append({"image": str(path), "labels": str(out / f"{path.stem}_labels.png"),
+                        "present": [{"name": n, "novel": bool(found["novel"][index[n]]),
+                                     "share": round(float((labels == index[n]).mean()), 4)}
+                                    for n in found["present"]]})
+    atomic_write(out / "predictions.json", json.dumps(records, indent=2) + "\n")
+    print(f"{len(records)} images segmented: {out}")
     return 0
 
 
