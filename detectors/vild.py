@@ -54,6 +54,8 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
+SCORING = ("softmax", "pairwise")  # model.scoring: how a region's names are scored
+
 
 def ensemble_scores(
     text_probs: Tensor, image_probs: Tensor, novel_mask: Tensor, lam: float = 2 / 3
@@ -157,11 +159,14 @@ class EmbeddingRoIHeads(RoIHeads):
 
     def __init__(self, box_roi_pool: MultiScaleRoIAlign, text_head: EmbeddingHead,
                  image_head: EmbeddingHead | None, embed_dim: int, temperature: float = 0.01,
-                 ensemble_lambda: float = 2 / 3, **kwargs):
+                 ensemble_lambda: float = 2 / 3, scoring: str = "softmax", **kwargs):
+        if scoring not in SCORING:
+            raise ValueError(f"model.scoring must be one of {', '.join(SCORING)}, got "
+                             f"{scoring!r}")
         super().__init__(box_roi_pool, box_head=nn.Identity(), box_predictor=nn.Identity(),
                          **kwargs)
         self.text_head, self.image_head = text_head, image_head
-        self.temperature, self.ensemble_lambda = temperature, ensemble_lambda
+        self.temperature, self.ensemble_lambda, self.scoring = temperature, ensemble_lambda, scoring
         self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
         self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
         self.register_buffer("novel_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
@@ -170,9 +175,16 @@ class EmbeddingRoIHeads(RoIHeads):
         return F.normalize(self.background, dim=0)
 
     def class_probs(self, embeddings: Tensor) -> Tensor:
-        """(R, D) -> (R, 1 + C) softmax over [background, vocabulary]."""
-        classifier = torch.cat([self.background_embedding()[None], self.text_embeddings])
-        return F.softmax(embeddings @ classifier.T / self.temperature, dim=-1)
+        """(R, D) -> (R, 1 + C) scores, background in column 0. ``softmax``: over [background,
+        vocabulary]; ``pairwise``: each name against the background alone,
+        sigmoid((cos(name) - cos(background)) / T), so a name's score does not depend on the
+        other names (column 0: 1 - the best name's)."""
+        logits = embeddings @ torch.cat([self.background_embedding()[None],
+                                         self.text_embeddings]).T / self.temperature
+        if self.scoring == "softmax":
+            return F.softmax(logits, dim=-1)
+        names = torch.sigmoid(logits[:, 1:] - logits[:, :1])
+        return torch.cat([1 - names.max(-1, keepdim=True).values, names], -1)
 
     def forward(self, features, proposals, image_shapes, targets=None, distill_boxes=None):
         if self.training:
@@ -392,7 +404,8 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
                box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                hidden: int = 1024, featmap_names: tuple[str, ...] = ("0", "1", "2", "3"),
                image_mean=(0.485, 0.456, 0.406),
-               image_std=(0.229, 0.224, 0.225), mask_head: bool = False) -> ViLD:
+               image_std=(0.229, 0.224, 0.225), mask_head: bool = False,
+               scoring: str = "softmax") -> ViLD:
     """Compose a ViLD student around ``backbone`` (with ``out_channels`` and FPN maps '0'..).
 
     ``mask_head`` adds the class-agnostic Mask R-CNN branch (its convs as wide as the FPN).
@@ -415,7 +428,7 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
     roi_heads = EmbeddingRoIHeads(
         pool, EmbeddingHead(channels, 7, embed_dim, hidden),
         EmbeddingHead(channels, 7, embed_dim, hidden, box_regression=False) if ensemble else None,
-        embed_dim, temperature, ensemble_lambda,
+        embed_dim, temperature, ensemble_lambda, scoring,
         fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=box_batch_size_per_image,
         positive_fraction=0.25, bbox_reg_weights=None, score_thresh=box_score_thresh,
         nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img, **masks)

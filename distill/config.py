@@ -139,6 +139,9 @@ class DetectorConfig:
     norm: str = "gn"  # gn | bn | frozen_bn
     backbone_weights: str | None = None  # local torchvision ResNet state_dict
     temperature: float = 0.01  # ViLD: logits = cosine / 0.01
+    # how a region's names are scored: softmax over [background, names] (ViLD) | pairwise:
+    # each name against the background alone, independent of the other names
+    scoring: str = "softmax"
     ensemble: bool = False  # ViLD-ensemble: a second, image-distilled head
     ensemble_lambda: float = 0.6667  # base: text^l image^(1-l); novel: text^(1-l) image^l
     mask_head: bool = False  # class-agnostic Mask R-CNN mask branch (instance masks)

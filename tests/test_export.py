@@ -265,3 +265,57 @@ def test_demo_draws_and_writes_predictions(exported, tmp_path):
     assert demo.main(["--student", str(student_dir), "--output", str(tmp_path / "all"),
                       str(images[0].parent)]) == 0
     assert len(list((tmp_path / "all").glob("*.png"))) == len(images)
+
+
+def _by_name(found, name):
+    """(box, score) rows of one name, in a fixed order."""
+    rows = [(*np.asarray(b, np.float64).tolist(), float(s)) for b, s, n in
+            zip(found["boxes"], found["scores"], found["names"], strict=True) if n == name]
+    return np.array(sorted(rows)).reshape(-1, 5)
+
+
+def test_pairwise_scores_do_not_depend_on_the_other_names(exported, tmp_path):
+    """model.scoring=pairwise: a name's detections and scores are the same (to 1e-6) with
+    the whole vocabulary, three names or that name alone, in PyTorch and in ONNX Runtime;
+    softmax scores change with the other names."""
+    import shutil
+
+    from detectors.onnx import OnnxDetector, export_onnx
+    from detectors.vild import EmbeddingRoIHeads
+
+    _, _, student_dir, images = exported
+    copy = tmp_path / "student"
+    shutil.copytree(student_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"].update(scoring="pairwise", box_detections_per_img=100000)
+    (copy / "config.json").write_text(json.dumps(config))
+    student = load_student(copy)
+    assert student.model.roi_heads.scoring == "pairwise"
+    vocab = student.vocabulary
+    name = vocab.names[2]
+    subsets = [vocab, Vocabulary(vocab.classes[1:4], vocab.embeddings[1:4], vocab.novel[1:4]),
+               Vocabulary(vocab.classes[2:3], vocab.embeddings[2:3], vocab.novel[2:3])]
+    export_onnx(student, copy / "model.onnx")
+    onnx = OnnxDetector(copy)
+    for predict in (student.predict, onnx.predict):
+        found = [_by_name(predict(images[0], vocabulary=v, score_threshold=0.0), name)
+                 for v in subsets]
+        assert len(found[0]) > 0
+        for other in found[1:]:
+            np.testing.assert_allclose(other, found[0], atol=1e-6, rtol=0)
+    # the scores themselves, by hand: sigmoid((cos(name) - cos(background)) / T)
+    heads = student.model.roi_heads
+    emb = torch.nn.functional.normalize(torch.randn(5, heads.background.shape[0]), dim=-1)
+    heads.text_embeddings = vocab.embeddings[:3]
+    probs = heads.class_probs(emb)
+    t = heads.temperature
+    want = torch.sigmoid((emb @ vocab.embeddings[:3].T - emb @ heads.background_embedding()[:, None])
+                         / t)
+    torch.testing.assert_close(probs[:, 1:], want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs[:, 0], 1 - want.max(1).values, atol=1e-6, rtol=0)
+    heads.scoring = "softmax"  # ViLD's: the same name scores differently beside others
+    one = heads.class_probs(emb)[:, 1]
+    heads.text_embeddings = vocab.embeddings[:1]
+    assert (heads.class_probs(emb)[:, 1] - one).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="model.scoring must be one of softmax, pairwise"):
+        EmbeddingRoIHeads(heads.box_roi_pool, heads.text_head, None, 8, scoring="sigmoid")

@@ -1,0 +1,126 @@
+"""How a detector's scores hold up when the user names only a few classes.
+
+    m = few_names(model, val, text_embeddings, novel, threshold=0.3)
+
+For every class, box AP50 over the whole val split when the vocabulary is a random
+``size``-name subset containing it (every other object still in the pictures, unnamed),
+beside the same class's AP50 with every name; and, at ``threshold`` (the demo's default
+score), how many detections per image fall on objects of unnamed classes (their best
+ground-truth match, IoU >= 0.5, is of a class outside the vocabulary). Subsets: ``rounds``
+random partitions of the classes into groups of ``size`` (a short last group is filled
+with other classes, which are scored there too).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Sequence
+
+import torch
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from detectors.inference import model_device
+from detectors.vild import ViLD
+from distill.data.coco import CocoDetection
+from distill.engine import to_device
+from distill.evaluation import OVCocoEvaluator
+
+
+def subsets(num_classes: int, size: int, rounds: int, seed: int = 0) -> list[list[int]]:
+    """``rounds`` random partitions of ``range(num_classes)`` into groups of ``size``; a short
+    last group is filled with classes drawn from the others."""
+    rng = random.Random(seed)
+    groups = []
+    for _ in range(rounds):
+        order = list(range(num_classes))
+        rng.shuffle(order)
+        for start in range(0, num_classes, size):
+            group = order[start:start + size]
+            others = [k for k in order if k not in group]
+            group += rng.sample(others, min(size - len(group), len(others)))
+            groups.append(sorted(group))
+    return groups
+
+
+def on_objects(boxes: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
+               named: Sequence[int]) -> tuple[int, int]:
+    """(detections on objects of unnamed classes, on objects of named ones): a detection is
+    on the ground-truth object it overlaps most, when their IoU is at least 0.5; ``named``
+    are the vocabulary's class indices (0-based, as ``gt_classes``)."""
+    if not len(boxes) or not len(gt_boxes):
+        return 0, 0
+    iou, best = box_iou(boxes, gt_boxes).max(1)
+    inside = torch.isin(gt_classes[best[iou >= 0.5]], torch.as_tensor(list(named)))
+    return int((~inside).sum()), int(inside.sum())
+
+
+@torch.no_grad()
+def _predict_all(model: ViLD, val: CocoDetection, batch_size: int) -> list[dict]:
+    out = []
+    for start in range(0, len(val), batch_size):
+        samples = [val[i] for i in range(start, min(start + batch_size, len(val)))]
+        found = model([s["image"].to(model_device(model)) for s in samples])
+        out += to_device(found, "cpu")
+    return out
+
+
+@torch.no_grad()
+def few_names(model: ViLD, val: CocoDetection, text: torch.Tensor, novel: Sequence[bool],
+              threshold: float, size: int = 3, rounds: int = 3, seed: int = 0,
+              batch_size: int = 8, progress: bool = True) -> dict:
+    """The measure of the module docstring. Returns ``per_class`` {name: {"all": AP50,
+    "few": mean AP50 over its subsets}} (classes with val boxes), their means ``all`` and
+    ``few``, ``few_over_all``, ``unnamed_per_image`` (detections at or above ``threshold`` on
+    objects of unnamed classes, per image, mean over subsets) and ``named_per_image`` (the
+    same count on objects of named classes)."""
+    saved = (model.roi_heads.text_embeddings, model.roi_heads.novel_mask)
+    was_training = model.training
+    model.eval()
+    ids = [int(c["id"]) for c in val.categories]
+    gts = [val.targets(i) for i in range(len(val))]
+    novel_ids = [c for c, n in zip(ids, novel, strict=True) if n]
+    groups = [list(range(len(ids)))] + subsets(len(ids), size, rounds, seed)
+    aps: dict[int, list[float]] = {k: [] for k in range(len(ids))}
+    full: dict[int, float] = {}
+    unnamed, named = [], []
+    try:
+        for g, group in enumerate(tqdm(groups, desc="few names", disable=not progress)):
+            model.set_vocabulary(text[group], torch.as_tensor([novel[k] for k in group]))
+            found = _predict_all(model, val, batch_size)
+            ev = OVCocoEvaluator(val.instances_json, novel_category_ids=novel_ids,
+                                 category_ids=[ids[k] for k in group])
+            counts = [0, 0]
+            for gt, det in zip(gts, found, strict=True):
+                ev.add(gt["image_id"], det["boxes"], det["scores"],
+                       [ids[group[k - 1]] for k in det["labels"].tolist()])
+                if g == 0:
+                    continue
+                off, on = on_objects(det["boxes"][det["scores"] >= threshold], gt["boxes"],
+                                     gt["labels"] - 1, group)
+                counts[0] += off
+                counts[1] += on
+            per_class = ev.evaluate()["bbox"]["per_class_AP50"]
+            for k in group:
+                ap = per_class.get(val.categories[k]["name"])  # None: no val box of it
+                if ap is not None and g == 0:
+                    full[k] = ap
+                elif ap is not None:
+                    aps[k].append(ap)
+            if g:
+                unnamed.append(counts[0] / len(val))
+                named.append(counts[1] / len(val))
+    finally:
+        model.roi_heads.text_embeddings, model.roi_heads.novel_mask = saved
+        model.train(was_training)
+    scored = [k for k in full if aps[k]]
+    per_class = {val.names[k]: {"all": full[k], "few": statistics.fmean(aps[k])}
+                 for k in scored}
+    mean_all = statistics.fmean(full[k] for k in scored)
+    mean_few = statistics.fmean(per_class[val.names[k]]["few"] for k in scored)
+    return {"per_class": per_class, "all": mean_all, "few": mean_few,
+            "few_over_all": mean_few / mean_all if mean_all > 0 else float("nan"),
+            "unnamed_per_image": statistics.fmean(unnamed),
+            "named_per_image": statistics.fmean(named), "threshold": threshold,
+            "size": size, "subsets": len(groups) - 1}
