@@ -1,11 +1,11 @@
 """How a detector's scores hold up when the user names only a few classes.
 
-    m = few_names(model, val, text_embeddings, novel, threshold=0.3)
+    m = few_names(model, val, text_embeddings, novel, thresholds=[0.3, 0.5])
 
 For every class, box AP50 over the whole val split when the vocabulary is a random
 ``size``-name subset containing it (every other object still in the pictures, unnamed),
-beside the same class's AP50 with every name; and, at ``threshold`` (the demo's default
-score), how many detections per image fall on objects of unnamed classes (their best
+beside the same class's AP50 with every name; and, at each of ``thresholds`` (the demo's
+score cut), how many detections per image fall on objects of unnamed classes (their best
 ground-truth match, IoU >= 0.5, is of a class outside the vocabulary). Subsets: ``rounds``
 random partitions of the classes into groups of ``size`` (a short last group is filled
 with other classes, which are scored there too).
@@ -68,13 +68,13 @@ def _predict_all(model: ViLD, val: CocoDetection, batch_size: int) -> list[dict]
 
 @torch.no_grad()
 def few_names(model: ViLD, val: CocoDetection, text: torch.Tensor, novel: Sequence[bool],
-              threshold: float, size: int = 3, rounds: int = 3, seed: int = 0,
+              thresholds: Sequence[float], size: int = 3, rounds: int = 3, seed: int = 0,
               batch_size: int = 8, progress: bool = True) -> dict:
     """The measure of the module docstring. Returns ``per_class`` {name: {"all": AP50,
     "few": mean AP50 over its subsets}} (classes with val boxes), their means ``all`` and
-    ``few``, ``few_over_all``, ``unnamed_per_image`` (detections at or above ``threshold`` on
-    objects of unnamed classes, per image, mean over subsets) and ``named_per_image`` (the
-    same count on objects of named classes)."""
+    ``few``, ``few_over_all``, and per threshold of ``thresholds`` ``unnamed_per_image``
+    (detections scoring at least that on objects of unnamed classes, per image, mean over
+    the subsets) and ``named_per_image`` (the same on objects of named classes)."""
     saved = (model.roi_heads.text_embeddings, model.roi_heads.novel_mask)
     was_training = model.training
     model.eval()
@@ -84,23 +84,23 @@ def few_names(model: ViLD, val: CocoDetection, text: torch.Tensor, novel: Sequen
     groups = [list(range(len(ids)))] + subsets(len(ids), size, rounds, seed)
     aps: dict[int, list[float]] = {k: [] for k in range(len(ids))}
     full: dict[int, float] = {}
-    unnamed, named = [], []
+    counts = torch.zeros(len(thresholds), 2)
     try:
         for g, group in enumerate(tqdm(groups, desc="few names", disable=not progress)):
             model.set_vocabulary(text[group], torch.as_tensor([novel[k] for k in group]))
             found = _predict_all(model, val, batch_size)
-            ev = OVCocoEvaluator(val.instances_json, novel_category_ids=novel_ids,
-                                 category_ids=[ids[k] for k in group])
-            counts = [0, 0]
+            named = [ids[k] for k in group]
+            ev = OVCocoEvaluator(val.instances_json, category_ids=named,
+                                 novel_category_ids=[c for c in novel_ids if c in named])
             for gt, det in zip(gts, found, strict=True):
                 ev.add(gt["image_id"], det["boxes"], det["scores"],
                        [ids[group[k - 1]] for k in det["labels"].tolist()])
                 if g == 0:
                     continue
-                off, on = on_objects(det["boxes"][det["scores"] >= threshold], gt["boxes"],
-                                     gt["labels"] - 1, group)
-                counts[0] += off
-                counts[1] += on
+                for j, threshold in enumerate(thresholds):
+                    counts[j] += torch.tensor(on_objects(
+                        det["boxes"][det["scores"] >= threshold], gt["boxes"], gt["labels"] - 1,
+                        group), dtype=torch.float32)
             per_class = ev.evaluate()["bbox"]["per_class_AP50"]
             for k in group:
                 ap = per_class.get(val.categories[k]["name"])  # None: no val box of it
@@ -108,19 +108,18 @@ def few_names(model: ViLD, val: CocoDetection, text: torch.Tensor, novel: Sequen
                     full[k] = ap
                 elif ap is not None:
                     aps[k].append(ap)
-            if g:
-                unnamed.append(counts[0] / len(val))
-                named.append(counts[1] / len(val))
     finally:
         model.roi_heads.text_embeddings, model.roi_heads.novel_mask = saved
         model.train(was_training)
     scored = [k for k in full if aps[k]]
     per_class = {val.names[k]: {"all": full[k], "few": statistics.fmean(aps[k])}
                  for k in scored}
+    per = len(val) * (len(groups) - 1)  # images x subsets
     mean_all = statistics.fmean(full[k] for k in scored)
     mean_few = statistics.fmean(per_class[val.names[k]]["few"] for k in scored)
+    by_cut = list(zip(thresholds, (counts / per).tolist(), strict=True))
     return {"per_class": per_class, "all": mean_all, "few": mean_few,
             "few_over_all": mean_few / mean_all if mean_all > 0 else float("nan"),
-            "unnamed_per_image": statistics.fmean(unnamed),
-            "named_per_image": statistics.fmean(named), "threshold": threshold,
+            "unnamed_per_image": {t: c[0] for t, c in by_cut},
+            "named_per_image": {t: c[1] for t, c in by_cut},
             "size": size, "subsets": len(groups) - 1}

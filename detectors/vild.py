@@ -245,7 +245,7 @@ class EmbeddingRoIHeads(RoIHeads):
                 "regression_targets": torch.cat(regression_targets),
                 "text_embeddings": self.text_embeddings,
                 "background_embedding": self.background_embedding(),
-                "temperature": self.temperature}
+                "temperature": self.temperature, "scoring": self.scoring}
 
     def _train_with_distill(self, features, proposals, image_shapes, distill_boxes, labels,
                             regression_targets) -> dict:

@@ -62,6 +62,7 @@ __all__ = [
     "supervised_seg_loss",
     "vild_image_loss",
     "vild_text_loss",
+    "pairwise_text_loss",
 ]
 
 
@@ -91,6 +92,26 @@ def vild_text_loss(
     if labels.numel() == 0:
         return _zero(logits)
     return F.cross_entropy(logits, labels)
+
+
+def pairwise_text_loss(
+    region_embeddings: Tensor,
+    labels: Tensor,
+    text_embeddings: Tensor,
+    background_embedding: Tensor,
+    temperature: float | Tensor = 0.01,
+) -> Tensor:
+    """ViLD-text for ``model.scoring: pairwise``: each class name against the background
+    alone, binary cross-entropy on logits (e.t_c - e.bg) / temperature (1 for the RoI's
+    class, 0 for the others; background RoIs 0 everywhere), summed over the C classes and
+    averaged over the R RoIs (Detic's sigmoid loss). Shapes as :func:`vild_text_loss`."""
+    scores = region_embeddings @ text_embeddings.to(region_embeddings.dtype).t()
+    background = region_embeddings @ background_embedding.to(region_embeddings.dtype)
+    logits = (scores - background[:, None]) / temperature
+    if labels.numel() == 0:
+        return _zero(logits)
+    targets = F.one_hot(labels, text_embeddings.shape[0] + 1)[:, 1:].to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(labels)
 
 
 def box_regression_loss(
@@ -443,8 +464,9 @@ class Criterion(nn.Module):
         self._require(outputs, name)
         o = outputs
         if name == "vild_text":
-            return vild_text_loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
-                                  o["background_embedding"], o.get("temperature", 0.01))
+            loss = pairwise_text_loss if o.get("scoring") == "pairwise" else vild_text_loss
+            return loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
+                        o["background_embedding"], o.get("temperature", 0.01))
         if name == "box_reg":
             return box_regression_loss(o["box_regression"], o["regression_targets"], o["labels"])
         if name == "vild_image":

@@ -319,3 +319,25 @@ def test_pairwise_scores_do_not_depend_on_the_other_names(exported, tmp_path):
     assert (heads.class_probs(emb)[:, 1] - one).abs().max() > 1e-3
     with pytest.raises(ValueError, match="model.scoring must be one of softmax, pairwise"):
         EmbeddingRoIHeads(heads.box_roi_pool, heads.text_head, None, 8, scoring="sigmoid")
+
+
+def test_few_names_measure_with_vocabulary_independent_scores(exported):
+    """With pairwise scores (and no top-k cut) a class's detections do not depend on the other
+    names, so its AP50 with 3 names equals its AP50 with every name: detectors/few_names.py
+    must find exactly that. Softmax scores change it."""
+    from detectors.few_names import few_names
+
+    _, run, _, _ = exported
+    cfg, teacher, model = detection.load_trained(run)
+    val = detection.val_set(cfg)
+    text = teacher.text(val.names)
+    model.roi_heads.scoring, model.roi_heads.detections_per_img = "pairwise", 100000
+    m = few_names(model, val, text, val.novel, [0.0, 0.5], rounds=1, progress=False)
+    assert m["per_class"] and set(m["per_class"]) <= set(val.names) and m["subsets"] == 6
+    for name, ap in m["per_class"].items():
+        assert ap["few"] == pytest.approx(ap["all"], abs=1e-9), name
+    assert m["unnamed_per_image"][0.0] >= m["unnamed_per_image"][0.5]
+    assert m["unnamed_per_image"][0.0] + m["named_per_image"][0.0] > 0
+    model.roi_heads.scoring = "softmax"
+    soft = few_names(model, val, text, val.novel, [0.0], rounds=1, progress=False)
+    assert any(abs(a["few"] - a["all"]) > 1e-6 for a in soft["per_class"].values())

@@ -15,6 +15,7 @@ from distill.losses import (
     MissingOutputError,
     box_regression_loss,
     build_criterion,
+    pairwise_text_loss,
     region_word_loss,
     vild_image_loss,
     vild_text_loss,
@@ -71,6 +72,30 @@ def test_vild_text_loss_by_hand_and_background_gradient():
     want = [(p0 * 0.6 + (p1 - 1) * 1.0) / 2 / 0.5, (p0 * 0.8 + (p1 - 1) * 0.0) / 2 / 0.5]
     assert bg.grad.tolist() == pytest.approx(want, rel=1e-5)
     assert bg.grad.abs().sum() > 0.1
+
+
+def test_pairwise_text_loss_by_hand():
+    """model.scoring=pairwise: BCE on (e.t_c - e.bg) / T, summed over classes, mean over RoIs.
+    Region 0 (class 1): e.t = (0.6, 0.8), e.bg = 0.36 - 0.64 = -0.28 -> logits (0.88, 1.08)
+    / 0.5 = (1.76, 2.16), targets (1, 0). Region 1 (background): e.t = (1, 0), e.bg = 0.6 ->
+    logits (0.8, -1.2), targets (0, 0)."""
+    def bce(z, y):  # -[y log s(z) + (1 - y) log(1 - s(z))]
+        return math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
+
+    e, bg = t(*REGIONS, grad=True), t(*BG, grad=True)
+    loss = pairwise_text_loss(e, torch.tensor(LABELS), t(*TEXT), bg, temperature=0.5)
+    want = (bce(1.76, 1) + bce(2.16, 0) + bce(0.8, 0) + bce(-1.2, 0)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert bg.grad.abs().sum() > 0.1  # the background embedding learns from every name
+    # the criterion picks it when the outputs say the student scores pairwise
+    outputs = {"region_embeddings": t(*REGIONS), "labels": torch.tensor(LABELS),
+               "text_embeddings": t(*TEXT), "background_embedding": t(*BG),
+               "temperature": 0.5, "scoring": "pairwise"}
+    assert Criterion().compute("vild_text", outputs).item() == pytest.approx(want, rel=1e-6)
+    outputs["scoring"] = "softmax"
+    assert Criterion().compute("vild_text", outputs).item() == pytest.approx(TEXT_LOSS_T05,
+                                                                             rel=1e-6)
 
 
 def test_vild_text_loss_default_temperature_is_001():
