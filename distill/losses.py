@@ -62,7 +62,6 @@ __all__ = [
     "supervised_seg_loss",
     "vild_image_loss",
     "vild_text_loss",
-    "pairwise_text_loss",
 ]
 
 
@@ -80,38 +79,26 @@ def vild_text_loss(
     text_embeddings: Tensor,
     background_embedding: Tensor,
     temperature: float | Tensor = 0.01,
+    scoring: str = "softmax",
 ) -> Tensor:
     """ViLD-text: softmax cross-entropy over [background, C classes], mean over RoIs.
 
     region_embeddings (R, D), labels (R,) in 0..C, text_embeddings (C, D),
     background_embedding (D,); logits (R, 1 + C) = [e.bg, e.t_1 .. e.t_C] / temperature.
-    Returns a 0-d tensor; R = 0 gives 0.
+    ``scoring="pairwise"`` (``model.scoring``): each class name against the background alone,
+    binary cross-entropy on (e.t_c - e.bg) / temperature (1 for the RoI's class, 0 for the
+    others; background RoIs 0 everywhere), summed over the C classes and averaged over the
+    RoIs (Detic's sigmoid loss). Returns a 0-d tensor; R = 0 gives 0.
     """
     classifier = torch.cat([background_embedding[None], text_embeddings], dim=0)
     logits = region_embeddings @ classifier.to(region_embeddings.dtype).t() / temperature
     if labels.numel() == 0:
         return _zero(logits)
+    if scoring == "pairwise":
+        targets = F.one_hot(labels, logits.shape[1])[:, 1:].to(logits.dtype)
+        pairs = logits[:, 1:] - logits[:, :1]
+        return F.binary_cross_entropy_with_logits(pairs, targets, reduction="sum") / len(labels)
     return F.cross_entropy(logits, labels)
-
-
-def pairwise_text_loss(
-    region_embeddings: Tensor,
-    labels: Tensor,
-    text_embeddings: Tensor,
-    background_embedding: Tensor,
-    temperature: float | Tensor = 0.01,
-) -> Tensor:
-    """ViLD-text for ``model.scoring: pairwise``: each class name against the background
-    alone, binary cross-entropy on logits (e.t_c - e.bg) / temperature (1 for the RoI's
-    class, 0 for the others; background RoIs 0 everywhere), summed over the C classes and
-    averaged over the R RoIs (Detic's sigmoid loss). Shapes as :func:`vild_text_loss`."""
-    scores = region_embeddings @ text_embeddings.to(region_embeddings.dtype).t()
-    background = region_embeddings @ background_embedding.to(region_embeddings.dtype)
-    logits = (scores - background[:, None]) / temperature
-    if labels.numel() == 0:
-        return _zero(logits)
-    targets = F.one_hot(labels, text_embeddings.shape[0] + 1)[:, 1:].to(logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(labels)
 
 
 def box_regression_loss(
@@ -464,9 +451,9 @@ class Criterion(nn.Module):
         self._require(outputs, name)
         o = outputs
         if name == "vild_text":
-            loss = pairwise_text_loss if o.get("scoring") == "pairwise" else vild_text_loss
-            return loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
-                        o["background_embedding"], o.get("temperature", 0.01))
+            return vild_text_loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
+                                  o["background_embedding"], o.get("temperature", 0.01),
+                                  o.get("scoring", "softmax"))
         if name == "box_reg":
             return box_regression_loss(o["box_regression"], o["regression_targets"], o["labels"])
         if name == "vild_image":

@@ -15,7 +15,6 @@ from distill.losses import (
     MissingOutputError,
     box_regression_loss,
     build_criterion,
-    pairwise_text_loss,
     region_word_loss,
     vild_image_loss,
     vild_text_loss,
@@ -74,7 +73,7 @@ def test_vild_text_loss_by_hand_and_background_gradient():
     assert bg.grad.abs().sum() > 0.1
 
 
-def test_pairwise_text_loss_by_hand():
+def test_pairwise_vild_text_loss_by_hand():
     """model.scoring=pairwise: BCE on (e.t_c - e.bg) / T, summed over classes, mean over RoIs.
     Region 0 (class 1): e.t = (0.6, 0.8), e.bg = 0.36 - 0.64 = -0.28 -> logits (0.88, 1.08)
     / 0.5 = (1.76, 2.16), targets (1, 0). Region 1 (background): e.t = (1, 0), e.bg = 0.6 ->
@@ -83,7 +82,7 @@ def test_pairwise_text_loss_by_hand():
         return math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
 
     e, bg = t(*REGIONS, grad=True), t(*BG, grad=True)
-    loss = pairwise_text_loss(e, torch.tensor(LABELS), t(*TEXT), bg, temperature=0.5)
+    loss = vild_text_loss(e, torch.tensor(LABELS), t(*TEXT), bg, 0.5, scoring="pairwise")
     want = (bce(1.76, 1) + bce(2.16, 0) + bce(0.8, 0) + bce(-1.2, 0)) / 2
     assert loss.item() == pytest.approx(want, rel=1e-6)
     loss.backward()
