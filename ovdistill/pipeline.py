@@ -35,30 +35,37 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from distill.config import ConfigError, ExperimentConfig, atomic_write, load_config, save_config
-from distill.data.coco import ClassSplit, CocoDetection, check_images, detection_set, split_classes
+from distill.data.coco import (
+    ClassSplit,
+    CocoDetection,
+    check_images,
+    detection_set,
+    embedded_world,
+    split_classes,
+)
 from distill.teacher import Teacher
 from ovdistill import report
 from ovdistill.export import export_run
 from ovdistill.stages import run_world, seg_stage, table
 
+if TYPE_CHECKING:  # the synthetic world's module (cv2 and all) loads only when used
+    from distill.data.synthetic import World
+
 STAGE_OVERRIDES = {"vild_text": ["loss.vild_image=0"]}  # the rest: the config as it is
 CROP_CHECK_IMAGES = 100  # val images whose object crops the teacher names (stage 2)
 
 
-def embedded(cfg: ExperimentConfig) -> bool:
-    """The data is the embedded synthetic world (no benchmark, no files)."""
-    d = cfg.data
-    return d.benchmark is None and d.train_instances is None and d.val_instances is None
-
-
-def data_stage(cfg: ExperimentConfig, progress: bool) -> tuple[ClassSplit, dict]:
-    """Read and check both splits (the embedded world generated first); decide the classes."""
+def data_stage(cfg: ExperimentConfig, progress: bool) -> tuple[ClassSplit, dict, World | None]:
+    """Read and check both splits (the embedded world generated first); decide the classes.
+    Returns the split, what to record, and the world (None for other data)."""
     info: dict = {}
-    if embedded(cfg):
+    world = None
+    if embedded_world(cfg):
         from distill.data.synthetic import generate_world, summarize
 
         t = time.perf_counter()
@@ -88,7 +95,7 @@ def data_stage(cfg: ExperimentConfig, progress: bool) -> tuple[ClassSplit, dict]
     if not split.base:
         raise ConfigError(f"{train.instances_json}: no class has training annotations "
                           f"outside data.novel: nothing to train on")
-    return split, info
+    return split, info, world
 
 
 @torch.no_grad()
@@ -112,31 +119,31 @@ def crop_accuracy(teacher: Teacher, val: CocoDetection, max_images: int = CROP_C
             "objects_base": int((~n).sum()), "objects_novel": int(n.sum())}
 
 
-def teacher_stage(cfg: ExperimentConfig, progress: bool) -> dict:
-    """Load the teacher (pretraining the embedded tiny teacher first if its file is missing)
-    and score it zero-shot on val object crops."""
+def teacher_stage(cfg: ExperimentConfig, val: CocoDetection, world: World | None,
+                  progress: bool) -> dict:
+    """Load the teacher (pretraining the embedded tiny teacher first, on ``world``, if its file
+    is missing) and score it zero-shot on ``val``'s object crops (the embedded world: the
+    figures recorded beside its checkpoint, when they are for this world)."""
     t = time.perf_counter()
     ckpt = Path(cfg.teacher.pretrained) if cfg.teacher.pretrained else None
     info: dict = {"model": cfg.teacher.model, "pretrained": cfg.teacher.pretrained,
                   "pretrained_now": False}
-    if embedded(cfg) and ckpt is not None and not ckpt.is_file() and cfg.teacher.model_config:
-        from distill.data.synthetic import generate_world
+    if world is not None and ckpt is not None and not ckpt.is_file() and cfg.teacher.model_config:
         from distill.teacher.pretrain import pretrain_and_save
 
         print(f"teacher checkpoint {ckpt} missing: pretraining it (<= 10 min)")
         cfg_pre = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain,
                                                                         output=str(ckpt)))
-        pretrain_and_save(cfg_pre, generate_world(cfg.world, progress=False), progress,
-                          ["python", "-m", "tools.pipeline"])
+        pretrain_and_save(cfg_pre, world, progress, ["python", "-m", "tools.pipeline"])
         info["pretrained_now"] = True
     teacher = Teacher.from_config(cfg.teacher)
-    record = ckpt.with_suffix(".json") if ckpt and embedded(cfg) else None
+    record = ckpt.with_suffix(".json") if ckpt and world is not None else None
     saved = json.loads(record.read_text()) if record and record.is_file() else {}
-    if saved.get("fingerprint") == teacher.fingerprint and embedded(cfg) and \
-            saved.get("world") == _world_fingerprint(cfg):
+    if saved and (saved.get("fingerprint"), saved.get("world")) == (teacher.fingerprint,
+                                                                     world.fingerprint):
         accuracy = saved["zero_shot"]  # measured on the whole val split when it was written
     else:
-        accuracy = crop_accuracy(teacher, detection_set(cfg, "val"))
+        accuracy = crop_accuracy(teacher, val)
     info.update(fingerprint=teacher.fingerprint, zero_shot=accuracy,
                 seconds=round(time.perf_counter() - t, 1))
     pct = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -146,16 +153,10 @@ def teacher_stage(cfg: ExperimentConfig, progress: bool) -> dict:
     return info
 
 
-def _world_fingerprint(cfg: ExperimentConfig) -> str:
-    from distill.data.synthetic import generate_world
-
-    return generate_world(cfg.world, progress=False).fingerprint
-
-
 def seg_data(cfg: ExperimentConfig) -> list[str]:
     """Overrides that point the segmenter's config at the run's data and teacher (none for
     the embedded world, whose segmenter config names its own)."""
-    if embedded(cfg):
+    if embedded_world(cfg):
         return []
     keys = {"data": ("benchmark", "train_instances", "train_images", "val_instances",
                      "val_images", "novel", "on_error"),
@@ -172,13 +173,14 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
     save_config(cfg, out / "config.yaml")
     summary: dict = {"config": str(out / "config.yaml")}
 
-    split, summary["data"] = data_stage(cfg, progress)
+    split, summary["data"], world = data_stage(cfg, progress)
     user = list(overrides)
     if split.novel_setting is not None and split.novel_setting != cfg.data.novel:
         # every stage holds out the novel classes and those without a training box
         overrides = [*overrides, f"data.novel={json.dumps(split.novel_setting)}"]
         cfg = load_config(config, overrides)
-    summary["teacher"] = teacher_stage(cfg, progress)
+    val = detection_set(cfg, "val")  # with the novel classes every stage holds out
+    summary["teacher"] = teacher_stage(cfg, val, world, progress)
 
     def configure(stage: str, extra: list[str]) -> ExperimentConfig:
         return load_config(config, [*overrides, *STAGE_OVERRIDES.get(stage, []), *extra])
@@ -190,7 +192,7 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
                                                teacher_baseline=cfg.pipeline.teacher_baseline)
     summary["table"] = box_table = table(students)
 
-    if cfg.pipeline.segmenter and (embedded(cfg) or summary["data"]["masks"]):
+    if cfg.pipeline.segmenter and (world is not None or summary["data"]["masks"]):
         seg = seg_stage(cfg.pipeline.segmenter, [*seg_data(cfg), *user], out / "seg", progress)
         summary["segmenter"] = seg
         summary["seg_table"] = report.seg_table(seg)
@@ -200,12 +202,12 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
     export = export_run(students["vild"]["run"], out / "export", onnx=cfg.pipeline.onnx)
     summary["export"] = str(export)
     summary["pictures"] = [str(p) for p in report.draw_val_pictures(
-        export, detection_set(cfg, "val"), out / "pictures", cfg.pipeline.pictures)]
+        export, val, out / "pictures", cfg.pipeline.pictures)]
 
     print("\nbox AP on the val split, generalized setting (every val class named):")
     print(box_table)
     if "seg_table" in summary:
-        what = "every object and stuff class named" if embedded(cfg) else \
+        what = "every object and stuff class named" if world is not None else \
             "every val class named; pixels of no instance not scored"
         print(f"\nsegmentation mIoU on the val split ({what}):")
         print(summary["seg_table"])

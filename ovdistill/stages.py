@@ -36,7 +36,7 @@ from distill.config import (
     save_config,
     to_dict,
 )
-from distill.data.coco import dataset_paths
+from distill.data.coco import dataset_paths, embedded_world
 from distill.data.proposals import tensors_sha256
 from distill.extraction import extract
 from segmentors import recipe as segmentation
@@ -56,7 +56,6 @@ SEG_KEYS = ("mIoU_base", "mIoU_novel", "hIoU", "mIoU", "images_per_s")
 
 STUDENTS = {name: CONFIGS / "shapes" / f"{name}.yaml"
             for name in ("vild_text", "vild_image", "vild", "vild_ensemble")}
-CACHED_PROPOSALS = 32  # per training image: the RPN's best (after NMS), embedded by the teacher
 LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
           "vild_ensemble": "ViLD-ensemble", "teacher": "teacher on proposals"}
 
@@ -81,8 +80,7 @@ def _file_sha(path: str | os.PathLike | None) -> str | None:
 def data_files(cfg: ExperimentConfig) -> dict[str, str]:
     """The annotation files a stage of ``cfg`` reads (train and val instances), by split; the
     embedded world's are generated from the ``world`` section and left out."""
-    if cfg.data.benchmark is None and cfg.data.train_instances is None \
-            and cfg.data.val_instances is None:
+    if embedded_world(cfg):
         return {}
     files = {}
     for split in ("train", "val"):
@@ -134,16 +132,14 @@ def proposals_stage(rpn_dir: Path, progress: bool) -> Path:
 
 def extract_stage(proposals: Path, cfg: ExperimentConfig, progress: bool) -> list[str]:
     """Embed ``cfg.cache.num_proposals`` of the ``proposals`` per training image with the
-    teacher, into ``cache.root/<cache.name>_rpn-<hash of the proposals and their count>``; returns the cache
-    overrides for the distilled students."""
+    teacher, into ``cache.root/<cache.name>_rpn-<hash of the proposals and their count>``;
+    returns the cache overrides for the distilled students."""
     key = f"{tensors_sha256(proposals)},n={cfg.cache.num_proposals}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-    cache = [f"cache.proposals={proposals}", f"cache.name={cfg.cache.name}_rpn-{digest}",
-             f"cache.num_proposals={cfg.cache.num_proposals}"]
-    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(
-        cfg.cache, proposals=str(proposals), name=f"{cfg.cache.name}_rpn-{digest}", split="train"))
-    extract(cfg, progress=progress)
-    return cache
+    name = f"{cfg.cache.name}_rpn-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    extract(dataclasses.replace(cfg, cache=dataclasses.replace(
+        cfg.cache, proposals=str(proposals), name=name, split="train")), progress=progress)
+    return [f"cache.proposals={proposals}", f"cache.name={name}",
+            f"cache.num_proposals={cfg.cache.num_proposals}"]
 
 
 def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
@@ -245,26 +241,43 @@ def ablation_report(per_seed: dict[int, dict[str, dict]], seconds: float, comman
     mean = mean_rows(per_seed)
     seeds = ", ".join(str(s) for s in per_seed)
     earlier = reused(per_seed)
-    wall = f"wall time {seconds / 60:.1f} min on this machine"
-    if earlier:
-        wall += f", with {len(earlier)} stage(s) taken from earlier runs"
     lines = [f"Command: `{command}`", "",
              f"Box AP on the val split of the embedded world, generalized setting (all 16 "
-             f"object classes in the vocabulary), mean over world seeds {seeds}; {wall}.",
-             "", table(mean), ""]
-    if len(per_seed) > 1:
-        for seed, rows in per_seed.items():
-            lines += [f"World seed {seed}:", "", table(rows), ""]
-    lines += ["| floor | value | target | |", "|---|---:|---|---|"]
-    for what, value, target, ok in ablation_floors(mean, seconds):
-        verdict = "PASS" if ok else "FAIL"
-        if what.startswith("ablation wall time") and earlier:
-            verdict = "n/a: stages reused"
-        lines.append(f"| {what} | {value:.2f} | {target} | {verdict} |")
+             f"object classes in the vocabulary), mean over world seeds {seeds}; "
+             f"{wall_time(seconds, earlier)}.", ""]
+    lines += seed_tables(mean, per_seed, table)
+    lines += floor_lines(ablation_floors(mean, seconds), earlier)
     if earlier:
         lines += ["", f"Reused from earlier runs (their own time not counted above): "
                       f"{', '.join(earlier)}."]
     return "\n".join(lines) + "\n"
+
+
+def wall_time(seconds: float, earlier: list[str]) -> str:
+    wall = f"wall time {seconds / 60:.1f} min on this machine"
+    if earlier:
+        wall += f", with {len(earlier)} stage(s) taken from earlier runs"
+    return wall
+
+
+def seed_tables(mean: dict, per_seed: dict[int, dict], render) -> list[str]:
+    """The mean table, then each seed's when there are several (markdown lines)."""
+    lines = [render(mean), ""]
+    if len(per_seed) > 1:
+        for seed, rows in per_seed.items():
+            lines += [f"World seed {seed}:", "", render(rows), ""]
+    return lines
+
+
+def floor_lines(floors: list[tuple[str, float, str, bool]], earlier: list[str]) -> list[str]:
+    """The floors as a markdown table; a wall-time floor is n/a when stages were reused."""
+    lines = ["| floor | value | target | |", "|---|---:|---|---|"]
+    for what, value, target, ok in floors:
+        verdict = "PASS" if ok else "FAIL"
+        if "wall time" in what and earlier:
+            verdict = "n/a: stages reused"
+        lines.append(f"| {what} | {value:.2f} | {target} | {verdict} |")
+    return lines
 
 
 def write_section(path: Path, section: str, marks: tuple[str, str] = (MARK_BEGIN, MARK_END)
@@ -398,24 +411,13 @@ def seg_floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, float, 
 def seg_report(per_seed: dict[int, dict[str, dict]], seconds: float, command: str) -> str:
     mean = {n: {k: statistics.fmean(r[n][k] for r in per_seed.values()) for k in SEG_KEYS}
             for n in SEG_STAGES}
-    earlier = [f"{s}/{n}" for s, rows in per_seed.items() for n, r in rows.items()
-               if r.get("reused")]
-    wall = f"wall time {seconds / 60:.1f} min on this machine"
-    if earlier:
-        wall += f", with {len(earlier)} stage(s) taken from earlier runs"
+    earlier = reused(per_seed)
     lines = [f"Command: `{command}`", "",
              f"mIoU on the val split of the embedded world (16 shapes, 4 of them novel, + 4 "
              f"stuff classes; every name in the vocabulary), mean over world seeds "
-             f"{', '.join(map(str, per_seed))}; {wall}.", "", seg_table(mean), ""]
-    if len(per_seed) > 1:
-        for s, rows in per_seed.items():
-            lines += [f"World seed {s}:", "", seg_table(rows), ""]
-    lines += ["| floor | value | target | |", "|---|---:|---|---|"]
-    for what, value, target, ok in seg_floors(mean, seconds):
-        verdict = "PASS" if ok else "FAIL"
-        if what.startswith("segmentation ablation wall") and earlier:
-            verdict = "n/a: stages reused"
-        lines.append(f"| {what} | {value:.2f} | {target} | {verdict} |")
+             f"{', '.join(map(str, per_seed))}; {wall_time(seconds, earlier)}.", ""]
+    lines += seed_tables(mean, per_seed, seg_table)
+    lines += floor_lines(seg_floors(mean, seconds), earlier)
     return "\n".join(lines) + "\n"
 
 

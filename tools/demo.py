@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ovdistill.report import draw
+from ovdistill.report import draw, save_png
 
 from . import cli
 
@@ -129,9 +129,7 @@ def _run(args) -> int:
             drawn = draw(im, found)
             if teacher is not None:
                 drawn = _side_by_side(drawn, draw(im, teacher(path)))
-        tmp = out / f".{path.stem}.tmp.png"
-        drawn.save(tmp)
-        tmp.replace(out / f"{path.stem}.png")
+        save_png(drawn, out / f"{path.stem}.png")
         detections = [
             {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "name": n,
              "novel": nv}
@@ -153,13 +151,13 @@ def _run(args) -> int:
 
 def _segment(args) -> int:
     """An exported segmenter: each image's label map drawn over it with a legend
-    (``<stem>.png``), the map itself (``<stem>_labels.png``: vocabulary indices, 255
-    unlabelled), and per image the names found with their share of pixels."""
+    (``<stem>.png``), the map itself (``<stem>_labels.png``: vocabulary indices, an index
+    past 254 written as 255), and per image the names found with their share of pixels."""
     import numpy as np
     from PIL import Image
 
     from distill.config import atomic_write
-    from ovdistill.report import draw_label_map, save_png
+    from ovdistill.report import draw_label_map
     from segmentors import load_student
 
     if args.show_teacher or args.score_threshold is not None:
@@ -174,7 +172,7 @@ def _segment(args) -> int:
         with Image.open(path) as im:
             save_png(draw_label_map(im, found), out / f"{path.stem}.png")
         labels = found["labels"]
-        save_png(Image.fromarray(np.where(labels < 255, labels, 255).astype(np.uint8)),
+        save_png(Image.fromarray(np.minimum(labels, 255).astype(np.uint8)),
                  out / f"{path.stem}_labels.png")
         index = {n: k for k, n in enumerate(found["names"])}
         records.append({"image": str(path), "labels": str(out / f"{path.stem}_labels.png"),

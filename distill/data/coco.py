@@ -348,6 +348,12 @@ def dataset_paths(cfg: ExperimentConfig, split: str) -> tuple[Path, Path]:
     return world.instances[split], world.images["train" if split == "train_all" else split]
 
 
+def embedded_world(cfg: ExperimentConfig) -> bool:
+    """``cfg``'s data is the embedded synthetic world (no benchmark, no files)."""
+    d = cfg.data
+    return d.benchmark is None and d.train_instances is None and d.val_instances is None
+
+
 def detection_set(cfg: ExperimentConfig, split: str, **kwargs: Any) -> CocoDetection:
     """``split`` of ``cfg``'s data (:func:`dataset_paths`) with its novel classes
     (``data.novel``) and ``data.on_error``; ``kwargs`` go to :class:`CocoDetection`."""
@@ -405,10 +411,10 @@ def split_classes(train: CocoDetection, val: CocoDetection,
     Both files' categories are checked (:func:`check_categories`)."""
     for data in (train, val):
         check_categories(data)
-    names = [c["name"].replace("_", " ") for c in val.categories]
+    names = val.names
     in_train, in_val = annotated(train), annotated(val)
-    trained = lambda n: name_key(n) in in_train  # noqa: E731
     tagged = any("split" in c or "frequency" in c for c in (*train.categories, *val.categories))
+    held: set[str] = set()  # besides the classes val annotates and train does not
     if novel is not None:
         known = {name_key(n) for n in names}
         unknown = [n for n in novel if name_key(n) not in known]
@@ -421,15 +427,14 @@ def split_classes(train: CocoDetection, val: CocoDetection,
         held = {name_key(c["name"]) for c in val.categories if is_novel(c)}
         source = f"the split tags of {val.instances_json.name}"
     else:
-        held = {name_key(n) for n in names if not trained(n) and name_key(n) in in_val}
         source = "annotated in val, none in train"
-    untrained = [n for n in names if name_key(n) not in held | in_train | in_val]
-    novel_names = [n for n in names if name_key(n) in held or
-                   (not trained(n) and name_key(n) in in_val)]
-    base = [n for n in names if n not in novel_names and n not in untrained]
+    keys = [name_key(n) for n in names]
+    novel_names = [n for n, k in zip(names, keys, strict=True)
+                   if k in held or (k in in_val and k not in in_train)]
+    untrained = [n for n, k in zip(names, keys, strict=True) if k not in held | in_train | in_val]
+    base = [n for n in names if n not in {*novel_names, *untrained}]
     # a train-file class with no training box must not sit in the training vocabulary
-    idle = [c["name"].replace("_", " ") for c in train.categories
-            if name_key(c["name"]) not in in_train | held]
+    idle = [n for n in train.names if name_key(n) not in in_train | held]
     setting = None if (novel is None and tagged and not idle) else \
         list(dict.fromkeys([*novel_names, *untrained, *idle]))
     return ClassSplit(base, novel_names, untrained, source, setting)
