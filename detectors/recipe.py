@@ -165,7 +165,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         load_weights(model, final_weights(out))
         model.to(resolve_device(cfg.train.device))
     else:
-        model.set_vocabulary(teacher.text(data.names))
+        model.set_training_vocabulary(teacher.text(data.names))
         instances, _ = dataset_paths(cfg, "train")
         cache = open_cache(cfg, teacher.fingerprint, instances) if cfg.loss.vild_image > 0 \
             else None

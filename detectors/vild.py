@@ -54,7 +54,9 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
-SCORING = ("softmax", "pairwise")  # model.scoring: how a region's names are scored
+# model.scoring: how a region's names are scored (EmbeddingRoIHeads.class_probs)
+SCORING = ("reference", "softmax", "pairwise")
+SAME_NAME = 1 - 1e-4  # text embeddings at least this close (cosine) are one name
 
 
 def ensemble_scores(
@@ -159,7 +161,7 @@ class EmbeddingRoIHeads(RoIHeads):
 
     def __init__(self, box_roi_pool: MultiScaleRoIAlign, text_head: EmbeddingHead,
                  image_head: EmbeddingHead | None, embed_dim: int, temperature: float = 0.01,
-                 ensemble_lambda: float = 2 / 3, scoring: str = "softmax", **kwargs):
+                 ensemble_lambda: float = 2 / 3, scoring: str = "reference", **kwargs):
         if scoring not in SCORING:
             raise ValueError(f"model.scoring must be one of {', '.join(SCORING)}, got "
                              f"{scoring!r}")
@@ -170,21 +172,51 @@ class EmbeddingRoIHeads(RoIHeads):
         self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
         self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
         self.register_buffer("novel_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        # the training vocabulary's text embeddings (A, D), saved with the weights: the
+        # ``reference`` scoring's fixed competitors (ViLD.set_training_vocabulary)
+        self.register_buffer("reference_embeddings", torch.zeros(0, embed_dim))
 
     def background_embedding(self) -> Tensor:
         return F.normalize(self.background, dim=0)
 
     def class_probs(self, embeddings: Tensor) -> Tensor:
-        """(R, D) -> (R, 1 + C) scores, background in column 0. ``softmax``: over [background,
-        vocabulary]; ``pairwise``: each name against the background alone,
-        sigmoid((cos(name) - cos(background)) / T), so a name's score does not depend on the
-        other names (column 0: 1 - the best name's)."""
+        """(R, D) -> (R, 1 + C) scores, background in column 0 (1 - the best name's score
+        outside ``softmax``), logits cos / T.
+
+        - ``reference`` (default): each name by a softmax over [background, the training
+          names (``reference_embeddings``), that name], the name counted once when it is a
+          training name. A name's score depends on the region, that name and what the student
+          learned (background and training names), never on the other names asked for. A
+          training name scores as in ViLD's softmax over the training vocabulary; a novel
+          name competes with the training names, not with the other novel names.
+        - ``softmax``: ViLD's, over [background, the vocabulary]: a name's score moves with
+          the other names given.
+        - ``pairwise``: each name against the background alone, sigmoid((cos(name) -
+          cos(background)) / T) (trained with its own loss, ``vild_text_loss``).
+        """
         logits = embeddings @ torch.cat([self.background_embedding()[None],
                                          self.text_embeddings]).T / self.temperature
         if self.scoring == "softmax":
             return F.softmax(logits, dim=-1)
-        names = torch.sigmoid(logits[:, 1:] - logits[:, :1])
-        return torch.cat([1 - names.max(-1, keepdim=True).values, names], -1)
+        names, fixed = logits[:, 1:], logits[:, :1]
+        if self.scoring == "reference" and len(self.reference_embeddings):
+            ref = self.reference_embeddings
+            fixed = torch.cat([fixed, embeddings @ ref.T / self.temperature], -1)
+            known = (self.text_embeddings @ ref.T).amax(-1) >= SAME_NAME  # a training name
+        else:  # pairwise, or a student without training names
+            known = torch.zeros(names.shape[-1], dtype=torch.bool, device=names.device)
+        # softmax of a name against ``fixed`` and itself, counted once where it is in ``fixed``
+        shifted = names - torch.logsumexp(fixed, -1, keepdim=True)
+        probs = torch.where(known, torch.exp(shifted), torch.sigmoid(shifted))
+        return torch.cat([1 - probs.max(-1, keepdim=True).values, probs], -1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A fresh student holds no training names: take the checkpoint's (any count)."""
+        ref = state_dict.get(prefix + "reference_embeddings")
+        own = self.reference_embeddings
+        if ref is not None and ref.shape != own.shape:
+            self.reference_embeddings = torch.empty(ref.shape, dtype=own.dtype, device=own.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features, proposals, image_shapes, targets=None, distill_boxes=None):
         if self.training:
@@ -322,6 +354,12 @@ class ViLD(nn.Module):
         heads.novel_mask = (torch.zeros(len(text_embeddings), dtype=torch.bool)
                             if novel_mask is None else novel_mask.bool()).to(device)
 
+    def set_training_vocabulary(self, text_embeddings: Tensor) -> None:
+        """Train on ``text_embeddings`` (C, D): the vocabulary, and the training names that
+        ``reference`` scoring weighs every name against from now on (saved with the weights)."""
+        self.set_vocabulary(text_embeddings)
+        self.roi_heads.reference_embeddings = self.roi_heads.text_embeddings.clone()
+
     @property
     def vocabulary_size(self) -> int:
         return len(self.roi_heads.text_embeddings)
@@ -405,7 +443,7 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
                hidden: int = 1024, featmap_names: tuple[str, ...] = ("0", "1", "2", "3"),
                image_mean=(0.485, 0.456, 0.406),
                image_std=(0.229, 0.224, 0.225), mask_head: bool = False,
-               scoring: str = "softmax") -> ViLD:
+               scoring: str = "reference") -> ViLD:
     """Compose a ViLD student around ``backbone`` (with ``out_channels`` and FPN maps '0'..).
 
     ``mask_head`` adds the class-agnostic Mask R-CNN branch (its convs as wide as the FPN).

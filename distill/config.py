@@ -139,9 +139,11 @@ class DetectorConfig:
     norm: str = "gn"  # gn | bn | frozen_bn
     backbone_weights: str | None = None  # local torchvision ResNet state_dict
     temperature: float = 0.01  # ViLD: logits = cosine / 0.01
-    # how a region's names are scored: softmax over [background, names] (ViLD) | pairwise:
-    # each name against the background alone, independent of the other names
-    scoring: str = "softmax"
+    # how a region's names are scored (detectors/vild.py EmbeddingRoIHeads.class_probs):
+    # reference: each name against the background and the training names, independent of
+    # the other names given | softmax: ViLD's, over [background, names] | pairwise: each name
+    # against the background alone (trained with a per-name binary loss)
+    scoring: str = "reference"
     ensemble: bool = False  # ViLD-ensemble: a second, image-distilled head
     ensemble_lambda: float = 0.6667  # base: text^l image^(1-l); novel: text^(1-l) image^l
     mask_head: bool = False  # class-agnostic Mask R-CNN mask branch (instance masks)

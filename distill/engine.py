@@ -400,7 +400,9 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({_one_line(e)}); "
                               f"pickled checkpoints are refused") from None
     own = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items()}
-    differ = [k for k in shapes if k in own and shapes[k] != own[k]]
+    # an empty buffer (0 rows, e.g. a detector's training names) takes the file's rows
+    differ = [k for k in shapes if k in own and shapes[k] != own[k]
+              and not (own[k][:1] == (0,) and own[k][1:] == shapes[k][1:])]
     if differ:
         k = differ[0]
         raise CheckpointError(

@@ -47,14 +47,22 @@ def test_vocabulary_is_an_input():
     assert "roi_heads.text_embeddings" not in m.state_dict()
 
 
+@torch.no_grad()
 def test_class_probs_are_cosine_over_temperature_with_background_first():
+    """ViLD's softmax; with the training vocabulary, reference scoring gives the same."""
     m = _model()
     t = F.normalize(torch.randn(2, 16), dim=-1)
-    m.set_vocabulary(t)
+    m.set_training_vocabulary(t)
     e = F.normalize(torch.randn(3, 16), dim=-1)
-    bg = F.normalize(m.roi_heads.background.detach(), dim=0)
+    bg = F.normalize(m.roi_heads.background, dim=0)
     logits = torch.stack([e @ bg, e @ t[0], e @ t[1]], 1) / 0.01
-    torch.testing.assert_close(m.roi_heads.class_probs(e), logits.softmax(-1))
+    for scoring in ("softmax", "reference"):
+        m.roi_heads.scoring = scoring
+        torch.testing.assert_close(m.roi_heads.class_probs(e)[:, 1:], logits.softmax(-1)[:, 1:])
+    # the training names are saved with the weights; a fresh student takes them on load
+    fresh = _model()
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh.roi_heads.reference_embeddings, t)
 
 
 def test_postprocess_thresholds_nms_per_class_and_caps():

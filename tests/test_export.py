@@ -274,14 +274,14 @@ def _by_name(found, name):
     return np.array(sorted(rows)).reshape(-1, 5)
 
 
-def test_pairwise_scores_do_not_depend_on_the_other_names(exported, tmp_path):
-    """model.scoring=pairwise: a name's detections and scores are the same (to 1e-6) with
-    the whole vocabulary, three names or that name alone, in PyTorch and in ONNX Runtime;
-    softmax scores change with the other names."""
+@pytest.mark.parametrize("scoring", ["reference", "pairwise"])
+def test_scores_do_not_depend_on_the_other_names(exported, tmp_path, scoring):
+    """model.scoring=reference (the default) and pairwise: a name's detections and scores are
+    the same (to 1e-6) with the whole vocabulary, three names or that name alone, in PyTorch
+    and in ONNX Runtime, for a training (base) name and a novel one."""
     import shutil
 
     from detectors.onnx import OnnxDetector, export_onnx
-    from detectors.vild import EmbeddingRoIHeads
 
     _, _, student_dir, images = exported
     copy = tmp_path / "student"
@@ -289,38 +289,62 @@ def test_pairwise_scores_do_not_depend_on_the_other_names(exported, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     # every box kept (no score cut, no top-k): a 1e-7 difference between two vocabularies'
     # matrix products must not move a detection across a threshold
-    config["model"].update(scoring="pairwise", box_detections_per_img=100000,
+    config["model"].update(scoring=scoring, box_detections_per_img=100000,
                            box_score_thresh=-1.0)
     (copy / "config.json").write_text(json.dumps(config))
     student = load_student(copy)
-    assert student.model.roi_heads.scoring == "pairwise"
+    assert student.model.roi_heads.scoring == scoring
     vocab = student.vocabulary
-    name = vocab.names[2]
-    subsets = [vocab, Vocabulary(vocab.classes[1:4], vocab.embeddings[1:4], vocab.novel[1:4]),
-               Vocabulary(vocab.classes[2:3], vocab.embeddings[2:3], vocab.novel[2:3])]
+    base, novel = vocab.novel.index(False), vocab.novel.index(True)
     export_onnx(student, copy / "model.onnx")
     onnx = OnnxDetector(copy)
-    for predict in (student.predict, onnx.predict):
-        found = [_by_name(predict(images[0], vocabulary=v, score_threshold=0.0), name)
-                 for v in subsets]
-        assert len(found[0]) > 0
-        for other in found[1:]:
-            np.testing.assert_allclose(other, found[0], atol=1e-6, rtol=0)
-    # the scores themselves, by hand: sigmoid((cos(name) - cos(background)) / T)
-    heads = student.model.roi_heads
+    for k in (base, novel):
+        others = [j for j in range(len(vocab)) if j != k][:2]
+        subsets = [vocab] + [Vocabulary([vocab.classes[j] for j in pick],
+                                        vocab.embeddings[pick], [vocab.novel[j] for j in pick])
+                             for pick in ([others[0], k, others[1]], [k])]
+        for predict in (student.predict, onnx.predict):
+            found = [_by_name(predict(images[0], vocabulary=v, score_threshold=0.0),
+                              vocab.names[k]) for v in subsets]
+            assert len(found[0]) > 0
+            for other in found[1:]:
+                np.testing.assert_allclose(other, found[0], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_reference_and_pairwise_scores_by_hand(exported):
+    """Each scoring against its definition on random region embeddings: reference, a
+    name's softmax over [background, training names, the name] (a training name counted
+    once); pairwise, sigmoid((cos(name) - cos(background)) / T); softmax, ViLD's, moves
+    with the other names."""
+    from detectors.vild import EmbeddingRoIHeads
+
+    run, student_dir = exported[1], exported[2]
+    cfg, teacher, _ = detection.load_trained(run)
+    heads = load_student(student_dir).model.roi_heads
+    training = teacher.text(detection.train_set(cfg).names)  # the saved training names
+    torch.testing.assert_close(heads.reference_embeddings, training, atol=1e-6, rtol=0)
+    torch.manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(5, heads.background.shape[0]), dim=-1)
-    heads.text_embeddings = vocab.embeddings[:3]
+    t, bg = heads.temperature, heads.background_embedding()
+    new = torch.nn.functional.normalize(torch.randn(1, len(bg)), dim=-1)  # an unseen name
+    heads.text_embeddings = torch.cat([training[1:2], new])
+    heads.scoring = "reference"
     probs = heads.class_probs(emb)
-    t = heads.temperature
-    want = torch.sigmoid((emb @ vocab.embeddings[:3].T - emb @ heads.background_embedding()[:, None])
-                         / t)
-    torch.testing.assert_close(probs[:, 1:], want, atol=1e-6, rtol=0)
-    torch.testing.assert_close(probs[:, 0], 1 - want.max(1).values, atol=1e-6, rtol=0)
+    for r in range(len(emb)):
+        ref = torch.cat([emb[r] @ bg[:, None], training @ emb[r]]) / t
+        assert probs[r, 1] == pytest.approx(float(torch.softmax(ref, 0)[2]), abs=1e-6)
+        with_new = torch.cat([ref, (new @ emb[r]) / t])
+        assert probs[r, 2] == pytest.approx(float(torch.softmax(with_new, 0)[-1]), abs=1e-6)
+        assert probs[r, 0] == pytest.approx(1 - float(probs[r, 1:].max()), abs=1e-6)
+    heads.scoring = "pairwise"
+    want = torch.sigmoid((emb @ heads.text_embeddings.T - emb @ bg[:, None]) / t)
+    torch.testing.assert_close(heads.class_probs(emb)[:, 1:], want, atol=1e-6, rtol=0)
     heads.scoring = "softmax"  # ViLD's: the same name scores differently beside others
     one = heads.class_probs(emb)[:, 1]
-    heads.text_embeddings = vocab.embeddings[:1]
+    heads.text_embeddings = training[1:2]
     assert (heads.class_probs(emb)[:, 1] - one).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="model.scoring must be one of softmax, pairwise"):
+    with pytest.raises(ValueError, match="model.scoring must be one of reference, softmax, "):
         EmbeddingRoIHeads(heads.box_roi_pool, heads.text_head, None, 8, scoring="sigmoid")
 
 
