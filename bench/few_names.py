@@ -2,8 +2,9 @@
 
     python bench/few_names.py --run outputs/shapes/vild-<hash> [--thresholds 0.3 0.5] [--rounds 3]
 
-For each ``model.scoring`` (softmax: ViLD's, over [background, names]; pairwise: each
-name against the background alone), on the run's val split: the generalized-setting
+For each ``model.scoring`` (reference, the default: each name against the background and
+the training names; softmax: ViLD's, over [background, names]; pairwise: each name
+against the background alone), on the run's val split: the generalized-setting
 novel / base AP50 (every name), the per-class AP50 averaged over classes with every name
 and with random 3-name vocabularies containing the class (detectors/few_names.py), their
 ratio, and the detections per image at or above each of ``--thresholds`` on objects of
@@ -20,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from detectors import recipe as detection  # noqa: E402
-from detectors.few_names import few_names  # noqa: E402
+from detectors.few_names import measure_run  # noqa: E402
 from detectors.vild import SCORING  # noqa: E402
 
 
@@ -36,19 +36,9 @@ def main() -> int:
     args = p.parse_args()
     rows = []
     for run in args.run:
-        cfg, teacher, model = detection.load_trained(run)
-        val = detection.val_set(cfg)
-        text = teacher.text(val.names)
-        for scoring in args.scoring:
-            model.roi_heads.scoring = scoring
-            generalized = detection.evaluate(model, teacher, val, None, progress=False)
-            m = few_names(model, val, text, val.novel, args.thresholds, rounds=args.rounds,
-                          progress=False)
-            rows.append({"run": run, "scoring": scoring,
-                         **{k: generalized[k] for k in ("AP50_novel", "AP50_base")},
-                         **{k: v for k, v in m.items() if k != "per_class"},
-                         "per_class": m["per_class"]})
-            r = rows[-1]
+        for scoring, r in measure_run(run, args.scoring, args.thresholds, args.rounds,
+                                      progress=False).items():
+            rows.append({"run": run, "scoring": scoring, **r})
             print(f"{run} {scoring}: novel {r['AP50_novel']:.3f} base {r['AP50_base']:.3f} "
                   f"all-names {r['all']:.3f} 3-names {r['few']:.3f} "
                   f"unnamed/img {r['unnamed_per_image']}", flush=True)

@@ -1,6 +1,7 @@
 """How a detector's scores hold up when the user names only a few classes.
 
     m = few_names(model, val, text_embeddings, novel, thresholds=[0.3, 0.5])
+    rows = measure_run("outputs/shapes/vild-<hash>", ["reference", "softmax"], [0.3, 0.5])
 
 For every class, box AP50 over the whole val split when the vocabulary is a random
 ``size``-name subset containing it (every other object still in the pictures, unnamed),
@@ -13,7 +14,6 @@ with other classes, which are scored there too).
 
 from __future__ import annotations
 
-import random
 import statistics
 from collections.abc import Sequence
 
@@ -24,24 +24,9 @@ from tqdm import tqdm
 from detectors.inference import model_device
 from detectors.vild import ViLD
 from distill.data.coco import CocoDetection
+from distill.data.vocab import subsets
 from distill.engine import to_device
 from distill.evaluation import OVCocoEvaluator
-
-
-def subsets(num_classes: int, size: int, rounds: int, seed: int = 0) -> list[list[int]]:
-    """``rounds`` random partitions of ``range(num_classes)`` into groups of ``size``; a short
-    last group is filled with classes drawn from the others."""
-    rng = random.Random(seed)
-    groups = []
-    for _ in range(rounds):
-        order = list(range(num_classes))
-        rng.shuffle(order)
-        for start in range(0, num_classes, size):
-            group = order[start:start + size]
-            others = [k for k in order if k not in group]
-            group += rng.sample(others, min(size - len(group), len(others)))
-            groups.append(sorted(group))
-    return groups
 
 
 def on_objects(boxes: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
@@ -123,3 +108,23 @@ def few_names(model: ViLD, val: CocoDetection, text: torch.Tensor, novel: Sequen
             "unnamed_per_image": {t: c[0] for t, c in by_cut},
             "named_per_image": {t: c[1] for t, c in by_cut},
             "size": size, "subsets": len(groups) - 1}
+
+
+def measure_run(run, scorings: Sequence[str], thresholds: Sequence[float], rounds: int = 3,
+                progress: bool = True) -> dict[str, dict]:
+    """A trained detector run under each of ``scorings`` (``model.scoring`` values, the same
+    weights): its generalized-setting ``AP50_novel`` / ``AP50_base`` (every val name) and
+    :func:`few_names`'s figures, per scoring."""
+    from detectors import recipe as detection
+
+    cfg, teacher, model = detection.load_trained(run)
+    val = detection.val_set(cfg)
+    text = teacher.text(val.names)
+    rows = {}
+    for scoring in scorings:
+        model.roi_heads.scoring = scoring
+        generalized = detection.evaluate(model, teacher, val, None, progress=False)
+        m = few_names(model, val, text, val.novel, thresholds, rounds=rounds, progress=progress)
+        rows[scoring] = {"AP50_novel": generalized["AP50_novel"],
+                         "AP50_base": generalized["AP50_base"], **m}
+    return rows

@@ -54,9 +54,10 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
+from distill.scoring import known_names, reference_probs, take_rows
+
 # model.scoring: how a region's names are scored (EmbeddingRoIHeads.class_probs)
 SCORING = ("reference", "softmax", "pairwise")
-SAME_NAME = 1 - 1e-4  # text embeddings at least this close (cosine) are one name
 
 
 def ensemble_scores(
@@ -199,23 +200,16 @@ class EmbeddingRoIHeads(RoIHeads):
         if self.scoring == "softmax":
             return F.softmax(logits, dim=-1)
         names, fixed = logits[:, 1:], logits[:, :1]
+        known = torch.zeros(names.shape[-1], dtype=torch.bool, device=names.device)
         if self.scoring == "reference" and len(self.reference_embeddings):
             ref = self.reference_embeddings
             fixed = torch.cat([fixed, embeddings @ ref.T / self.temperature], -1)
-            known = (self.text_embeddings @ ref.T).amax(-1) >= SAME_NAME  # a training name
-        else:  # pairwise, or a student without training names
-            known = torch.zeros(names.shape[-1], dtype=torch.bool, device=names.device)
-        # softmax of a name against ``fixed`` and itself, counted once where it is in ``fixed``
-        shifted = names - torch.logsumexp(fixed, -1, keepdim=True)
-        probs = torch.where(known, torch.exp(shifted), torch.sigmoid(shifted))
+            known = known_names(self.text_embeddings, ref)
+        probs = reference_probs(names, fixed, known)  # pairwise: sigmoid(name - background)
         return torch.cat([1 - probs.max(-1, keepdim=True).values, probs], -1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A fresh student holds no training names: take the checkpoint's (any count)."""
-        ref = state_dict.get(prefix + "reference_embeddings")
-        own = self.reference_embeddings
-        if ref is not None and ref.shape != own.shape:
-            self.reference_embeddings = torch.empty(ref.shape, dtype=own.dtype, device=own.device)
+        take_rows(self, "reference_embeddings", state_dict, prefix)  # any number of names
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features, proposals, image_shapes, targets=None, distill_boxes=None):

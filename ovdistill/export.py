@@ -8,6 +8,7 @@ the export needs torch and torchvision only. ``tools/export.py`` is the command 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from detectors import recipe as detection
@@ -17,7 +18,10 @@ from distill.export import embed_vocabulary, parse_vocabulary, write_student
 from distill.teacher import Teacher
 from segmentors import recipe as segmentation
 
-SCORE_THRESHOLD = 0.3  # predict()'s default threshold, recorded in config.json
+# predict()'s and the demo's default score threshold, recorded in config.json: with 3 names,
+# the main job's ViLD puts 0.13 detections per image on unnamed objects at 0.6 (0.46 at 0.4,
+# 0.77 at 0.3; world seed 0, docs/results.md "Scores with three names")
+SCORE_THRESHOLD = 0.6
 
 
 def is_segmenter_run(run: Path) -> bool:
@@ -65,7 +69,8 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
         config = {"task": "segmentation", "model": segmentation.student_kwargs(cfg, teacher),
                   "input": {"color": "RGB", "scale": "uint8 0-255 or float 0-1",
                             "mean": model.mean.flatten().tolist(),
-                            "std": model.std.flatten().tolist()}, **common}
+                            "std": model.std.flatten().tolist()},
+                  "thresholds": {"pixel": pixel_threshold(run)}, **common}
     else:
         model = detection.build_student(cfg, teacher)
         model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items()
@@ -92,6 +97,15 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
     print(f"{config['task']} student {config['model']['name']} with {len(vocab)} classes "
           f"({sum(vocab.novel)} novel) written to {out}")
     return out
+
+
+def pixel_threshold(run: Path) -> float:
+    """The segmenter run's "none of these" cut, chosen on val (segmentors/recipe.py); 0 (every
+    pixel named) for a run evaluated before there was one."""
+    summary = run / "eval" / "summary.json"
+    if not summary.is_file():
+        return 0.0
+    return float(json.loads(summary.read_text()).get("pixel_threshold", 0.0))
 
 
 def _classes(cfg, segmenter: bool) -> tuple[list[str], list[bool], set[str]]:

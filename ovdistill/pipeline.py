@@ -51,7 +51,7 @@ from distill.data.coco import (
 from distill.teacher import Teacher
 from ovdistill import report
 from ovdistill.export import export_run
-from ovdistill.stages import run_world, seg_stage, table
+from ovdistill.stages import run_world, seg_stage, seg_table, table
 
 if TYPE_CHECKING:  # the synthetic world's module (cv2 and all) loads only when used
     from distill.data.synthetic import World
@@ -195,7 +195,7 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
     if cfg.pipeline.segmenter and (world is not None or summary["data"]["masks"]):
         seg = seg_stage(cfg.pipeline.segmenter, [*seg_data(cfg), *user], out / "seg", progress)
         summary["segmenter"] = seg
-        summary["seg_table"] = report.seg_table(seg)
+        summary["seg_table"] = seg_table({"seg_distill": seg})
     elif cfg.pipeline.segmenter:
         print("segmenter: skipped (no instance masks in the training annotations)")
 

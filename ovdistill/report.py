@@ -165,14 +165,6 @@ def per_class_bars(per_class: dict[str, dict[str, float]], novel: set[str]) -> b
     return figure_png(fig)
 
 
-def seg_table(seg: dict) -> str:
-    from ovdistill.stages import pct
-
-    return ("| method | base mIoU | novel mIoU | all mIoU | images/s |\n|---|---:|---:|---:|---:|\n"
-            f"| pixel-distilled student | {pct(seg['mIoU_base'])} | {pct(seg['mIoU_novel'])} | "
-            f"{pct(seg['mIoU'])} | {seg['images_per_s']:.1f} |")
-
-
 def write_report(out: Path, summary: dict) -> Path:
     """``out/report.md`` from the main job's ``summary`` (ovdistill/pipeline.py), with its
     PNGs in ``out/report/``: per-class AP50, training curves, val predictions."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.data.semantic import IGNORE
+from distill.data.semantic import IGNORE, collate_semantic
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -113,3 +113,16 @@ def random_resize_crop(sample: dict, short_side: int, crop: int,
         x = int(torch.randint(0, w - crop + 1, (), generator=generator))
         image, labels = image[:, y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop]
     return {**sample, "image": image.contiguous(), "labels": labels.contiguous()}
+
+
+def same_size_batches(data, batch_size: int):
+    """Consecutive samples of ``data`` in batches of at most ``batch_size`` equal-size images."""
+    batch: list[dict] = []
+    for i in range(len(data)):
+        s = data[i]
+        if batch and (len(batch) == batch_size or s["image"].shape != batch[0]["image"].shape):
+            yield collate_semantic(batch)
+            batch = []
+        batch.append(s)
+    if batch:
+        yield collate_semantic(batch)

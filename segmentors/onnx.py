@@ -1,9 +1,10 @@
 """ONNX export of an exported segmenter, and an ONNX Runtime predictor.
 
-The graph takes ``image`` (1, 3, H, W) float32 in [0, 1] (any H, W) and
-``text_embeddings`` (C, D), and returns ``labels`` (1, H, W) int64: the student's
-per-pixel logits upsampled bilinearly to the image and argmaxed, as
-:meth:`SegmenterStudent.predict` does.
+The graph takes ``image`` (1, 3, H, W) float32 in [0, 1] (any H, W),
+``text_embeddings`` (C, D) and ``threshold`` (a float32 scalar), and returns ``labels``
+(1, H, W) int64: the student's per-pixel name scores (logits upsampled bilinearly to the
+image; the training names baked in), the best name per pixel, -1 where its score is below
+the threshold, as :meth:`SegmenterStudent.predict` does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.export import Vocabulary, as_image_tensor, onnx_session
-from segmentors.predictor import SegmenterStudent, load_student
+from segmentors.model import labels_at
+from segmentors.predictor import SegmenterStudent, found_names, load_student
 
 OPSET = 17
 
@@ -28,11 +30,13 @@ class _Graph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        self.model.text_embeddings = F.normalize(text_embeddings, dim=-1)
-        logits = self.model(image)["pixel_logits"]
-        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear",
-                             align_corners=False).argmax(1)
+    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor,
+                threshold: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        m.text_embeddings = F.normalize(text_embeddings, dim=-1)
+        logits = F.interpolate(m.score_logits(image), size=image.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return labels_at(m.name_scores(logits), threshold)
 
 
 def export_onnx(student: SegmenterStudent, path: str | os.PathLike) -> Path:
@@ -45,9 +49,11 @@ def export_onnx(student: SegmenterStudent, path: str | os.PathLike) -> Path:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(_Graph(model).eval(),
-                              (torch.zeros(1, 3, 96, 96), student.vocabulary.embeddings.float()),
+                              (torch.zeros(1, 3, 96, 96), student.vocabulary.embeddings.float(),
+                               torch.tensor(0.5)),
                               str(tmp), dynamo=False, opset_version=OPSET,
-                              input_names=["image", "text_embeddings"], output_names=["labels"],
+                              input_names=["image", "text_embeddings", "threshold"],
+                              output_names=["labels"],
                               dynamic_axes={"image": {2: "height", 3: "width"},
                                             "text_embeddings": {0: "classes"},
                                             "labels": {1: "height", 2: "width"}})
@@ -66,13 +72,12 @@ class OnnxSegmenter:
         self.session = onnx_session(Path(student_dir) / "model.onnx", threads)
 
     def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
-                bgr: bool = False) -> dict:
+                threshold: float | None = None, bgr: bool = False) -> dict:
         vocab = self.student.vocabulary if vocabulary is None else (
             vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary))
+        cut = self.student.threshold if threshold is None else threshold
         x = as_image_tensor(image, bgr)[None].float().numpy() / 255
         (labels,) = self.session.run(None, {"image": x.astype(np.float32),
-                                            "text_embeddings": vocab.embeddings.float().numpy()})
-        labels = labels[0]
-        counts = np.bincount(labels.ravel(), minlength=len(vocab))
-        return {"labels": labels, "names": vocab.names, "novel": list(vocab.novel),
-                "present": [vocab.names[k] for k in np.argsort(-counts) if counts[k] > 0]}
+                                            "text_embeddings": vocab.embeddings.float().numpy(),
+                                            "threshold": np.asarray(cut, np.float32)})
+        return found_names(labels[0], vocab)

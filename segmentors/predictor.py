@@ -2,7 +2,9 @@
 
     from segmentors import load_student
     student = load_student("segmenter/")
-    found = student.predict("photo.jpg")     # labels (H, W) vocabulary indices + names
+    found = student.predict("photo.jpg")     # labels (H, W) vocabulary indices + names;
+                                             # UNLABELLED (-1) where no name reaches the
+                                             # export's thresholds.pixel
 
 Needs torch and torchvision only; weights are read from safetensors, never unpickled.
 """
@@ -16,7 +18,7 @@ import torch
 
 from distill.export import Vocabulary, as_image_tensor, load_model, vocabulary_for
 from segmentors import build_segmenter
-from segmentors.model import PixelEmbeddingSegmenter
+from segmentors.model import UNLABELLED, PixelEmbeddingSegmenter
 
 
 class SegmenterStudent:
@@ -24,6 +26,7 @@ class SegmenterStudent:
 
     def __init__(self, model: PixelEmbeddingSegmenter, vocabulary: Vocabulary, config: dict):
         self.model, self.config = model.eval(), config
+        self.threshold = float(config.get("thresholds", {}).get("pixel", 0.0))
         self.set_vocabulary(vocabulary)
 
     def set_vocabulary(self, vocabulary: Vocabulary | str | os.PathLike) -> None:
@@ -34,22 +37,33 @@ class SegmenterStudent:
 
     @torch.no_grad()
     def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
-                bgr: bool = False) -> dict:
-        """``labels`` (H, W) int64 indices into the vocabulary at the image's size, ``names``
-        (the vocabulary's), ``novel`` flags and ``present`` (names found, by area)."""
+                threshold: float | None = None, bgr: bool = False) -> dict:
+        """``labels`` (H, W) int64 at the image's size: each pixel's best-scoring name (an
+        index into the vocabulary), :data:`~segmentors.model.UNLABELLED` (-1) where that
+        score is below ``threshold`` ("none of these"; default the export's
+        ``thresholds.pixel``, chosen on val; 0 names every pixel); ``names`` (the
+        vocabulary's), ``novel`` flags and ``present`` (names found, by area). A name's
+        score does not depend on the other names given (distill/scoring.py)."""
         saved = self.vocabulary
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
         try:
             vocab = self.vocabulary
             x = as_image_tensor(image, bgr)[None].to(self.model.mean.device)
-            labels = self.model.predict(x)[0].cpu().numpy()
+            cut = self.threshold if threshold is None else threshold
+            labels = self.model.predict(x, cut)[0].cpu().numpy()
         finally:
             if vocabulary is not None:
                 self.set_vocabulary(saved)
-        counts = np.bincount(labels.ravel(), minlength=len(vocab))
-        return {"labels": labels, "names": vocab.names, "novel": list(vocab.novel),
-                "present": [vocab.names[k] for k in np.argsort(-counts) if counts[k] > 0]}
+        return found_names(labels, vocab)
+
+
+def found_names(labels: np.ndarray, vocab: Vocabulary) -> dict:
+    """``predict``'s result for a label map (H, W) over ``vocab``."""
+    counts = np.bincount(labels[labels != UNLABELLED].ravel(), minlength=len(vocab))
+    return {"labels": labels, "names": vocab.names, "novel": list(vocab.novel),
+            "present": [vocab.names[k] for k in np.argsort(-counts, kind="stable")
+                        if counts[k] > 0]}
 
 
 def load_student(path: str | os.PathLike, device: str | torch.device = "cpu"

@@ -36,7 +36,8 @@ from distill.teacher import Teacher
 from distill.teacher.dense import refine_logits
 from segmentors import PixelEmbeddingSegmenter, build_segmenter
 from segmentors.clip_trunk import load_tower, tower_shape
-from segmentors.inference import random_resize_crop, segment_logits
+from segmentors.few_names import few_names
+from segmentors.inference import random_resize_crop, same_size_batches, segment_logits
 
 OVERLAYS = 6  # val images drawn with their predictions
 
@@ -213,7 +214,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     else:
         save_config(cfg, out / "config.yaml")
         text = teacher.text(train_set.classes)
-        model.set_vocabulary(text)
+        model.set_training_vocabulary(text)
         s = cfg.seg
         criterion = build_criterion(s)
         if s.dense_source not in ("online", "cache"):
@@ -231,8 +232,25 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     model.eval()
     metrics = evaluate(lambda images: model(images)["pixel_logits"], teacher, val_set, model,
                        out / "eval", cfg.seg, progress=progress)
+    metrics.update(pixel_threshold(model, teacher, val_set, out / "eval", cfg.seg, progress))
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def pixel_threshold(model: PixelEmbeddingSegmenter, teacher: Teacher, val_set, out_dir: Path,
+                    seg, progress: bool = True) -> dict[str, float]:
+    """The "none of these" cut, chosen on val by segmentors/few_names.py (the best mIoU with
+    3-name vocabularies; the full measure in ``out_dir/few_names.json``): ``pixel_threshold``
+    (the export's ``thresholds.pixel``) and the 3-name figures at it."""
+    m = few_names(model, val_set, teacher.text(val_set.classes), seg, progress=progress)
+    atomic_write(out_dir / "few_names.json", json.dumps(m, indent=2) + "\n")
+    print(f"3-name vocabularies: mIoU {m['few']:.3f} (every name {m['all']:.3f}), "
+          f"{100 * m['unnamed_painted']:.0f} % of unnamed pixels painted, at the chosen "
+          f"pixel threshold {m['threshold']:g}")
+    every = m["by_threshold"][0.0]  # no cut: every pixel named
+    return {"pixel_threshold": m["threshold"], "mIoU_3names": m["few"],
+            "unnamed_painted_3names": m["unnamed_painted"], "mIoU_3names_no_cut": every["few"],
+            "unnamed_painted_no_cut": every["unnamed_painted"]}
 
 
 def teacher_baseline(cfg: ExperimentConfig, progress: bool = True) -> dict[str, float]:
@@ -250,19 +268,6 @@ def teacher_baseline(cfg: ExperimentConfig, progress: bool = True) -> dict[str, 
         teacher, val_set, None, out / "eval", s, progress=progress)
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def _same_size_batches(data: SemanticDataset, batch_size: int):
-    """Consecutive samples of ``data`` in batches of at most ``batch_size`` equal-size images."""
-    batch: list[dict] = []
-    for i in range(len(data)):
-        s = data[i]
-        if batch and (len(batch) == batch_size or s["image"].shape != batch[0]["image"].shape):
-            yield collate_semantic(batch)
-            batch = []
-        batch.append(s)
-    if batch:
-        yield collate_semantic(batch)
 
 
 @torch.no_grad()
@@ -286,7 +291,7 @@ def evaluate(logits_fn, teacher: Teacher, data: SemanticDataset,
     drawn, seconds = [], 0.0
     try:
         with tqdm(total=len(data), desc="evaluate", disable=not progress) as bar:
-            for batch in _same_size_batches(data, batch_size):
+            for batch in same_size_batches(data, batch_size):
                 t = time.perf_counter()
                 pred = segment_logits(logits_fn, batch["images"].to(device), seg.short_side,
                                       seg.window, seg.stride).argmax(1).cpu()

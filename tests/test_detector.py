@@ -65,6 +65,32 @@ def test_class_probs_are_cosine_over_temperature_with_background_first():
     torch.testing.assert_close(fresh.roi_heads.reference_embeddings, t)
 
 
+@torch.no_grad()
+def test_ensemble_scores_do_not_depend_on_the_other_names():
+    """ViLD-ensemble with reference scoring: a name's detections are the same (to 1e-6) alone
+    or beside others, for a training name and an unseen one (the geometric mean of two
+    vocabulary-independent scores is one)."""
+    m = _model(ensemble=True, box_score_thresh=-1.0, box_detections_per_img=100000).eval()
+    training = F.normalize(torch.randn(4, 16), dim=-1)
+    m.set_training_vocabulary(training)
+    unseen = F.normalize(torch.randn(2, 16), dim=-1)
+    img = [torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8)]
+
+    def rows(vocabulary, novel, k):
+        m.set_vocabulary(vocabulary, torch.tensor(novel))
+        out = m(img)[0]
+        mine = out["labels"] == k + 1
+        return torch.cat([out["boxes"][mine], out["scores"][mine, None]], 1).tolist()
+
+    everything = torch.cat([training, unseen])
+    novel = [False] * 4 + [True] * 2
+    for k in (1, 4):  # a training name, an unseen (novel) one
+        want = sorted(rows(everything, novel, k))
+        assert len(want) > 0
+        alone = sorted(rows(everything[k:k + 1], [novel[k]], 0))
+        torch.testing.assert_close(torch.tensor(alone), torch.tensor(want), atol=1e-6, rtol=0)
+
+
 def test_postprocess_thresholds_nms_per_class_and_caps():
     h = _model().roi_heads
     h.score_thresh, h.nms_thresh, h.detections_per_img = 0.1, 0.5, 3

@@ -68,6 +68,12 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
     assert "old" not in text and text.count("<!-- ablation -->") == 1
     assert "python -m tools.ablation --no-progress --seeds 0 1" in text
     assert "World seed 1:" in text and "| ViLD images/s / teacher-on-proposals images/s |" in text
+    # the ViLD student's 3-name measure, with the default scoring and with ViLD's softmax
+    for seed in ("0", "1"):
+        few = saved["seeds"][seed]["vild"]["few_names"]
+        assert set(few) == {"reference", "softmax"} and few["reference"]["subsets"] == 18
+        assert few["softmax"]["subsets"] == 6
+    assert "| 1 | softmax |" in text and "3-name AP50 / all-names AP50" in text
     # the worlds differ by seed; both seeds' stages sit side by side
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
     assert stages == sorted(["vild_text", "vild_image", "vild", "vild_ensemble"] * 2)
@@ -90,3 +96,19 @@ def test_ablation_floors_hand_computed():
     got = {what: (round(v, 4), ok) for what, v, _, ok in orchestration.ablation_floors(mean, 50 * 60)}
     assert list(got.values()) == [(2.5, True), (-1.0, False), (0.8333, True), (30.0, True),
                                   (50.0, False)]
+
+
+def test_few_names_floors_hand_computed(monkeypatch):
+    monkeypatch.setattr("ovdistill.export.SCORE_THRESHOLD", 0.5)  # the exports' default cut
+
+    def row(novel, base, ratio, unnamed):
+        return {"AP50_novel": novel, "AP50_base": base, "few_over_all": ratio,
+                "unnamed_per_image": {0.3: 9.0, 0.5: unnamed}}
+
+    few = {0: {"reference": row(0.30, 0.40, 1.0, 0.1), "softmax": row(0.34, 0.38, 0.9, 2.0)},
+           1: {"reference": row(0.25, 0.41, 0.9, 0.2), "softmax": row(0.26, 0.41, 0.8, 1.0)}}
+    got = [(round(v, 4), target, ok) for _, v, target, ok in orchestration.few_names_floors(few)]
+    assert got == [(0.95, ">= 0.9", True), (0.15, "<= 0.2", True),
+                   (-2.5, ">= -8.0 (seed spread)", True), (1.0, ">= -3.0 (seed spread)", True)]
+    few[1]["reference"]["AP50_base"] = 0.30  # base: -4.5 points, spread 3
+    assert orchestration.few_names_floors(few)[3][3] is False

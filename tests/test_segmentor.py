@@ -25,6 +25,47 @@ TINY = ["world.num_train=6", "world.num_val=3", "world.image_size=96", "world.ma
         "train.max_iters=2", "train.batch_size=2"]
 
 
+@torch.no_grad()
+def test_pixel_scores_by_hand_independent_of_other_names_and_low_ones_unlabelled():
+    """A name's pixel score is its softmax against the training names and itself (counted once
+    when it is one), the same with any other names beside it (to 1e-6); predict leaves a pixel
+    whose best score is below the threshold unlabelled (-1)."""
+    from segmentors.model import UNLABELLED
+
+    torch.manual_seed(0)
+    model = build_segmenter("seg_r10_fpn", embed_dim=8, temperature=0.1).eval()
+    training = F.normalize(torch.randn(5, 8), dim=-1)
+    model.set_training_vocabulary(training)
+    new = F.normalize(torch.randn(1, 8), dim=-1)  # a name the student never trained on
+    images = torch.randint(0, 256, (1, 3, 32, 40), dtype=torch.uint8)
+    emb = model(images)["pixel_embeddings"][0]  # (D, 4, 5)
+    model.set_vocabulary(torch.cat([training[2:3], new]))
+    scores = model.name_scores(model.score_logits(images))[0]  # (2, 4, 5)
+    for y, x in ((0, 0), (3, 4), (2, 1)):
+        ref = training @ emb[:, y, x] / 0.1
+        assert scores[0, y, x] == pytest.approx(float(ref.softmax(0)[2]), abs=1e-6)
+        mine = torch.cat([ref, new @ emb[:, y, x] / 0.1])
+        assert scores[1, y, x] == pytest.approx(float(mine.softmax(0)[-1]), abs=1e-6)
+    for vocabulary in (training[2:3], torch.cat([training[[0, 4]], training[2:3], new])):
+        model.set_vocabulary(vocabulary)
+        alone = model.name_scores(model.score_logits(images))[0]
+        k = 0 if len(vocabulary) == 1 else 2
+        torch.testing.assert_close(alone[k], scores[0], atol=1e-6, rtol=0)
+    # the threshold: between two well-separated best scores of the upsampled map, so that no
+    # pixel sits on it
+    model.set_vocabulary(torch.cat([training[2:3], new]))
+    up = F.interpolate(model.score_logits(images), size=(32, 40), mode="bilinear",
+                       align_corners=False)
+    best, label = model.name_scores(up)[0].max(0)
+    values = best.flatten().sort().values
+    gap = int((values[1:] - values[:-1]).argmax())
+    cut = float(values[gap] + values[gap + 1]) / 2
+    got = model.predict(images, threshold=cut)[0]
+    assert ((got == UNLABELLED) == (best < cut)).all() and (got == UNLABELLED).any()
+    assert (got[best >= cut] == label[best >= cut]).all() and (got >= 0).any()
+    assert (model.predict(images)[0] == label).all()  # no threshold: every pixel named
+
+
 def test_logits_are_pixel_cosine_over_temperature_and_the_vocabulary_swaps():
     torch.manual_seed(0)
     model = build_segmenter("seg_r10_fpn", embed_dim=8, temperature=0.1).eval()
@@ -130,7 +171,13 @@ def test_one_training_iteration_per_config(tiny_world, name):
     cfg = load_config(REPO / f"configs/shapes/{name}.yaml",
                       [f"world.root={tiny_world / 'world'}", *TINY, f"output_dir={out}"])
     metrics = segmentation.train(cfg, progress=False)
-    assert set(metrics) == {"mIoU", "mIoU_base", "mIoU_novel", "hIoU", "aAcc", "images_per_s"}
+    assert set(metrics) == {"mIoU", "mIoU_base", "mIoU_novel", "hIoU", "aAcc", "images_per_s",
+                            "pixel_threshold", "mIoU_3names", "unnamed_painted_3names",
+                            "mIoU_3names_no_cut", "unnamed_painted_no_cut"}
+    few = json.loads((out / "eval/few_names.json").read_text())  # segmentors/few_names.py
+    assert few["all"] == pytest.approx(metrics["mIoU"], abs=1e-6)  # the same IoUs, every name
+    assert metrics["pixel_threshold"] == few["threshold"] and few["subsets"] == 21
+    assert few["few"] == max(v["few"] for v in few["by_threshold"].values())
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     losses = {k for k in first if k.startswith("loss_")}
     want = {"loss_supervised_seg"} | ({"loss_pixel_distill"} if cfg.seg.pixel_distill else set())
@@ -204,10 +251,21 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     image = sorted((tiny_world / "world").glob("*/images/val/*.png"))[0]
     pixels = np.array(Image.open(image).convert("RGB"))
     found = student.predict(image)
-    want = model.predict(torch.from_numpy(pixels).permute(2, 0, 1)[None])[0].numpy()
+    # the export holds the training names and the pixel threshold chosen on val
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert student.threshold == summary["pixel_threshold"]
+    torch.testing.assert_close(student.model.reference_embeddings,
+                               teacher.text(segmentation.datasets(cfg)[0].classes))
+    want = model.predict(torch.from_numpy(pixels).permute(2, 0, 1)[None],
+                         student.threshold)[0].numpy()
     assert found["labels"].shape == pixels.shape[:2]
     np.testing.assert_array_equal(found["labels"], want)
     assert set(found["present"]) <= set(found["names"]) and found["present"]
+    # below the threshold a pixel is unlabelled (-1); at 0 every pixel has a name
+    everything = student.predict(image, threshold=0.0)["labels"]
+    assert (everything >= 0).all()
+    none = student.predict(image, threshold=1.01)
+    assert (none["labels"] == -1).all() and none["present"] == []
     # the demo draws it with a legend and writes the label map and the names' pixel shares
     from tools import demo
 
@@ -219,7 +277,7 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
         assert np.array_equal(np.asarray(im.convert("RGB"))[:, pixels.shape[1]:].min((0, 1)) <
                               255, [True] * 3)  # the legend's swatches and names
     np.testing.assert_array_equal(np.asarray(Image.open(drawn / f"{image.stem}_labels.png")),
-                                  found["labels"])
+                                  np.where(found["labels"] < 0, 255, found["labels"]))
     record = json.loads((drawn / "predictions.json").read_text())[0]
     assert [r["name"] for r in record["present"]] == found["present"]
     k = found["names"].index(found["present"][0])
@@ -228,8 +286,10 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     # where the two best logits tie (tests/parity.py)
     onnx = OnnxSegmenter(out, threads=threads)
     for picture in (pixels, pixels[:64, :80].copy()):
-        ref, got = student.predict(picture)["labels"], onnx.predict(picture)["labels"]
-        assert_same_label_maps(got, ref, student.model, picture)
+        for cut in (0.0, 0.5):
+            ref = student.predict(picture, threshold=cut)["labels"]
+            got = onnx.predict(picture, threshold=cut)["labels"]
+            assert_same_label_maps(got, ref, student.model, picture, cut)
     # a detector loader refuses it, naming the task
     from detectors import load_student as load_detector
     from distill.export import ExportError

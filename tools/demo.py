@@ -151,8 +151,9 @@ def _run(args) -> int:
 
 def _segment(args) -> int:
     """An exported segmenter: each image's label map drawn over it with a legend
-    (``<stem>.png``), the map itself (``<stem>_labels.png``: vocabulary indices, an index
-    past 254 written as 255), and per image the names found with their share of pixels."""
+    (``<stem>.png``), the map itself (``<stem>_labels.png``: vocabulary indices, 255 for an
+    unlabelled pixel or an index past 254), and per image the names found with their share
+    of pixels; ``--score-threshold`` overrides the export's pixel threshold."""
     import numpy as np
     from PIL import Image
 
@@ -160,19 +161,20 @@ def _segment(args) -> int:
     from ovdistill.report import draw_label_map
     from segmentors import load_student
 
-    if args.show_teacher or args.score_threshold is not None:
-        raise ValueError("--show-teacher and --score-threshold are for detection students")
+    if args.show_teacher:
+        raise ValueError("--show-teacher is for detection students")
     student = load_student(args.student)
     if args.vocabulary:
         student.set_vocabulary(args.vocabulary)
     out = Path(args.output)
     records = []
     for path in tqdm(image_paths(args.images), desc="demo", disable=args.no_progress):
-        found = student.predict(path)
+        found = student.predict(path, threshold=args.score_threshold)
         with Image.open(path) as im:
             save_png(draw_label_map(im, found), out / f"{path.stem}.png")
         labels = found["labels"]
-        save_png(Image.fromarray(np.minimum(labels, 255).astype(np.uint8)),
+        save_png(Image.fromarray(np.where((labels < 0) | (labels > 254), 255,
+                                          labels).astype(np.uint8)),
                  out / f"{path.stem}_labels.png")
         index = {n: k for k, n in enumerate(found["names"])}
         records.append({"image": str(path), "labels": str(out / f"{path.stem}_labels.png"),

@@ -84,3 +84,19 @@ def split_base_novel(
     if len(chosen) >= len(classes):
         raise ConfigError("every class is novel; at least one class must stay base")
     return [c for c in classes if c not in chosen], [c for c in classes if c in chosen]
+
+
+def subsets(num_classes: int, size: int, rounds: int, seed: int = 0) -> list[list[int]]:
+    """``rounds`` random partitions of ``range(num_classes)`` into groups of ``size``; a short
+    last group is filled with classes drawn from the others."""
+    rng = random.Random(seed)
+    groups = []
+    for _ in range(rounds):
+        order = list(range(num_classes))
+        rng.shuffle(order)
+        for start in range(0, num_classes, size):
+            group = order[start:start + size]
+            others = [k for k in order if k not in group]
+            group += rng.sample(others, min(size - len(group), len(others)))
+            groups.append(sorted(group))
+    return groups
