@@ -99,9 +99,13 @@ def stage_dir(root: Path, name: str, cfg: ExperimentConfig,
     """``root/<name>-<hash>`` over the resolved config (less the ``unread`` sections: no
     detector stage reads ``seg``), the teacher checkpoint's bytes (a retrained teacher at
     the same path must not reuse stages made with the old one) and the annotation files'
-    bytes (:func:`data_files`: a changed file at the same path reruns the stage)."""
+    bytes (:func:`data_files`: a changed file at the same path reruns the stage). A proposals
+    file counts by its bytes, not its path: stages made from the same proposals in another
+    output directory are the same stages."""
     skip = ("name", "output_dir", "pipeline", *unread)
     spec = {k: v for k, v in to_dict(cfg).items() if k not in skip}
+    if "cache" in spec and _file_sha(spec["cache"].get("proposals")):
+        spec["cache"]["proposals"] = _file_sha(spec["cache"]["proposals"])
     spec["teacher_sha256"] = _file_sha(cfg.teacher.pretrained)
     spec["data_sha256"] = {split: _file_sha(f) for split, f in data_files(cfg).items()}
     digest = hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:8]
