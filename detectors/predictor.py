@@ -2,8 +2,8 @@
 
     from detectors import load_student
     student = load_student("student/")
-    found = student.predict("photo.jpg", score_threshold=0.3)   # boxes, scores, names
-                                                                 # (+ masks: mask_head)
+    found = student.predict("photo.jpg")   # boxes, scores, names (+ masks: mask_head),
+                                           # at the export's score threshold
 
 Needs torch and torchvision only (no open_clip, no teacher); weights are read from
 safetensors, never unpickled.

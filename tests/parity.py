@@ -101,14 +101,14 @@ def assert_same_detections(got: dict, ref: dict, student=None, thresholds=()) ->
     return pairs
 
 
-SCORE_TOL = 1e-4  # scores in [0, 1]: a 1e-6 embedding change moves a logit (cos / T, x20) ~2e-5
+PIXEL_TOL = 1e-4  # pixel scores in [0, 1]; a 1e-6 embedding change moves a logit (cos / T, x20) ~2e-5
 
 
 def assert_same_label_maps(got: np.ndarray, ref: np.ndarray, model, image,
                            threshold: float = 0.0) -> None:
     """Two runtimes' label maps (H, W) for ``image`` (H, W, 3) uint8, pixels below
     ``threshold`` unlabelled, agree except where the reference ``model``'s upsampled name
-    scores tie (best two within ``SCORE_TOL``) or the best sits on the threshold."""
+    scores tie (best two within ``PIXEL_TOL``) or the best sits on the threshold."""
     import torch
     import torch.nn.functional as F
 
@@ -124,7 +124,7 @@ def assert_same_label_maps(got: np.ndarray, ref: np.ndarray, model, image,
     top2 = scores.topk(min(2, len(scores)), dim=0).values.numpy()
     margin = np.minimum(top2[0] - top2[-1] if len(top2) > 1 else np.inf,
                         np.abs(top2[0] - threshold))
-    assert (margin[differ] < SCORE_TOL).all(), (
-        f"{int(differ.sum())} pixels differ, {int((margin[differ] >= SCORE_TOL).sum())} of them "
-        f"with a margin >= {SCORE_TOL} between the two best scores or the best and the "
+    assert (margin[differ] < PIXEL_TOL).all(), (
+        f"{int(differ.sum())} pixels differ, {int((margin[differ] >= PIXEL_TOL).sum())} of them "
+        f"with a margin >= {PIXEL_TOL} between the two best scores or the best and the "
         f"threshold (largest {float(margin[differ].max()):.2e})")

@@ -269,7 +269,7 @@ def test_segmenter_evaluation_and_predict_run_on_the_models_device(cfg, teacher,
         assert model(images)["pixel_logits"].device == CUDA
         raise Reached
 
-    def predict_on_device(images):
+    def predict_on_device(images, threshold=0.0):
         assert student.model(images)["pixel_logits"].device == CUDA
         raise Reached
 
