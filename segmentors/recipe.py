@@ -8,7 +8,9 @@ included, for ``seg.pixel_distill`` (L1/cosine to them) and ``seg.pseudo_label``
 (MaskCLIP+: the argmax of the teacher's dense text logits over every class name).
 Evaluation: mIoU over the val split with every class name in the vocabulary
 (base, novel, harmonic mean), written to ``output_dir/eval`` with a per-class plot
-and overlays of the first predictions. ``tools/train_seg.py`` is a thin shell over it.
+and overlays of the first predictions; then the "none of these" pixel threshold, chosen on
+val with 3-name vocabularies (segmentors/few_names.py), into ``eval/summary.json`` for the
+export. ``tools/train_seg.py`` is a thin shell over it.
 """
 
 from __future__ import annotations

@@ -84,3 +84,13 @@ def test_segmentation_few_names_by_hand():
     assert m["per_class"] == {"a": {"all": 1.0, "few": 1.0}, "b": {"all": 1.0, "few": 1.0},
                               "c": {"all": 0.5, "few": 0.5}, "d": {"all": 0.0, "few": 0.0}}
     assert model.text_embeddings.shape == (0, 2)  # the vocabulary is restored
+    # a large split: evenly spread images (here copies of the one) and pixels; two pixels of
+    # four are the first and the last (classes 0 and 3, predicted 0 and 2): IoU 1, 0, 0
+    many = type("Data", (), {"classes": ["a", "b", "c", "d"], "__len__": lambda s: 5,
+                             "__getitem__": lambda s, i: sample})()
+    again = few_names(model, many, torch.eye(4, 2), seg, thresholds=[0.0, 0.5], size=2,
+                      rounds=1, max_images=1, progress=False)
+    assert again == m
+    two = few_names(model, data, torch.eye(4, 2), seg, size=2, rounds=1, max_pixels=2,
+                    progress=False)
+    assert two["all"] == pytest.approx(1 / 3)
