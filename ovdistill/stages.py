@@ -66,12 +66,16 @@ LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
 _SHA: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: each file hashed once a run
 
 
-def _file_sha(path: str | os.PathLike | None) -> str | None:
+def _file_sha(path: str | os.PathLike | None, tensors: bool = False) -> str | None:
+    """sha256 of a file's bytes (``tensors``: of a safetensors file's tensors, whose header
+    order changes from one write to the next); None for no file."""
     if not path or not Path(path).is_file():
         return None
     stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA:
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, tensors)
+    if key not in _SHA and tensors:
+        _SHA[key] = tensors_sha256(path)
+    elif key not in _SHA:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
@@ -100,12 +104,13 @@ def stage_dir(root: Path, name: str, cfg: ExperimentConfig,
     detector stage reads ``seg``), the teacher checkpoint's bytes (a retrained teacher at
     the same path must not reuse stages made with the old one) and the annotation files'
     bytes (:func:`data_files`: a changed file at the same path reruns the stage). A proposals
-    file counts by its bytes, not its path: stages made from the same proposals in another
-    output directory are the same stages."""
+    file counts by its boxes, not its path: stages made from the same proposals, written
+    anew or in another output directory, are the same stages."""
     skip = ("name", "output_dir", "pipeline", *unread)
     spec = {k: v for k, v in to_dict(cfg).items() if k not in skip}
-    if "cache" in spec and _file_sha(spec["cache"].get("proposals")):
-        spec["cache"]["proposals"] = _file_sha(spec["cache"]["proposals"])
+    proposals = _file_sha(spec.get("cache", {}).get("proposals"), tensors=True)
+    if proposals:
+        spec["cache"]["proposals"] = proposals
     spec["teacher_sha256"] = _file_sha(cfg.teacher.pretrained)
     spec["data_sha256"] = {split: _file_sha(f) for split, f in data_files(cfg).items()}
     digest = hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:8]
@@ -141,7 +146,7 @@ def extract_stage(proposals: Path, cfg: ExperimentConfig, progress: bool) -> lis
     """Embed ``cfg.cache.num_proposals`` of the ``proposals`` per training image with the
     teacher, into ``cache.root/<cache.name>_rpn-<hash of the proposals and their count>``;
     returns the cache overrides for the distilled students."""
-    key = f"{tensors_sha256(proposals)},n={cfg.cache.num_proposals}"
+    key = f"{_file_sha(proposals, tensors=True)},n={cfg.cache.num_proposals}"
     name = f"{cfg.cache.name}_rpn-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     extract(dataclasses.replace(cfg, cache=dataclasses.replace(
         cfg.cache, proposals=str(proposals), name=name, split="train")), progress=progress)
