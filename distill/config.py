@@ -1,7 +1,7 @@
 """Typed experiment configuration.
 
 Dataclasses are the schema; YAML experiment files hold only what differs from
-the defaults (with at most one ``base:`` level); ``a.b=c`` overrides come from
+the defaults (through a chain of ``base:`` files); ``a.b=c`` overrides come from
 the command line. Loading goes through OmegaConf structured configs, so an
 unknown key or a value of the wrong type fails with a :class:`ConfigError`
 naming the key and the closest valid key.
@@ -332,6 +332,25 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _base_chain(path: Path) -> list[tuple[Path, dict]]:
+    """``path`` and the files its ``base:`` keys name, nearest first, each with its content
+    (less the ``base`` key)."""
+    chain: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    while path is not None:
+        if path.resolve() in seen:
+            names = " -> ".join(str(p) for p in [*seen, path.resolve()])
+            raise ConfigError(f"{path}: a cycle of base configs ({names})")
+        seen.append(path.resolve())
+        data = _read_yaml(path)
+        base = data.pop("base", None)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base' must be one file name, got {base!r}")
+        chain.append((path, data))
+        path = (path.parent / base).resolve() if base is not None else None
+    return chain
+
+
 def _merge(base: DictConfig, data: dict, source: str, schema: type) -> DictConfig:
     try:
         return OmegaConf.merge(base, data)
@@ -344,23 +363,16 @@ def load_config(
     overrides: list[str] | None = None,
     schema: type = ExperimentConfig,
 ) -> Any:
-    """Defaults <- ``base:`` file <- ``path`` <- ``overrides``; returns a schema instance.
+    """Defaults <- ``base:`` files, farthest first <- ``path`` <- ``overrides``; returns a
+    schema instance.
 
-    ``base`` is resolved relative to the file that names it; a base file may not
-    name another base.
+    Each ``base`` is resolved relative to the file that names it, and may name its own
+    ``base`` (any depth; a cycle is refused, naming the files).
     """
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        path = Path(path)
-        data = _read_yaml(path)
-        base = data.pop("base", None)
-        if base is not None:
-            base_path = (path.parent / base).resolve()
-            base_data = _read_yaml(base_path)
-            if "base" in base_data:
-                raise ConfigError(f"{base_path}: a base config may not name another base")
-            cfg = _merge(cfg, base_data, str(base_path), schema)
-        cfg = _merge(cfg, data, str(path), schema)
+        for source, data in reversed(_base_chain(Path(path))):
+            cfg = _merge(cfg, data, str(source), schema)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

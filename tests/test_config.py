@@ -4,6 +4,7 @@ from distill.config import ConfigError, ExperimentConfig, load_config, save_conf
 
 
 def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
@@ -65,10 +66,29 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="override 'train.max_iters' is not of the form"):
         load_config(None, ["train.max_iters"])
-    write(tmp_path / "a.yaml", "base: b.yaml\n")
-    write(tmp_path / "b.yaml", "base: c.yaml\n")
-    with pytest.raises(ConfigError, match="b.yaml: a base config may not name another base"):
+    write(tmp_path / "a.yaml", "base: sub/b.yaml\n")
+    write(tmp_path / "sub" / "b.yaml", "base: ../a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: a cycle of base configs \(.*a.yaml -> "
+                                          r".*sub/b.yaml -> .*a.yaml\)"):
         load_config(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "base: [x.yaml]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: 'base' must be one file name"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_bases_chain_to_any_depth_nearest_winning(tmp_path):
+    """exp -> mid (in another folder, its base named relative to itself) -> root: each file
+    beats the ones it names, the defaults lose to all."""
+    write(tmp_path / "root.yaml", "train:\n  max_iters: 7\n  optim:\n    lr: 0.1\n"
+                                  "world:\n  seed: 3\n")
+    write(tmp_path / "sets" / "mid.yaml", "base: ../root.yaml\ntrain:\n  optim:\n    lr: 0.2\n"
+                                          "world:\n  num_val: 9\n")
+    exp = write(tmp_path / "sets" / "exp.yaml", "base: mid.yaml\nworld:\n  num_val: 11\n")
+    cfg = load_config(exp)
+    assert (cfg.train.max_iters, cfg.world.seed) == (7, 3)  # from root
+    assert cfg.train.optim.lr == 0.2  # mid beats root
+    assert cfg.world.num_val == 11  # the file beats its bases
+    assert cfg.train.batch_size == load_config(None).train.batch_size  # the default
 
 
 def test_resolved_config_round_trip(tmp_path):
