@@ -58,9 +58,9 @@ train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(optimizer=dict(_delete_=True, type="SGD", lr=0.02, momentum=0.9,
                                     weight_decay=0.00004), clip_grad=None)
 param_scheduler = [
-    dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=1000),
     dict(type="MultiStepLR", by_epoch=False, begin=0, end=max_iters,
-         milestones=[2304000, 2592000], gamma=0.1),  # 80 % and 90 %, lr x 0.1 each
+         milestones=[2592000, 2736000], gamma=0.1),  # ViLD's 90 % and 95 %, lr x 0.1 each
 ]
 default_hooks = dict(logger=dict(interval=100),
                      checkpoint=dict(interval=10000, max_keep_ckpts=2))
