@@ -223,12 +223,13 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "step"  # step | cosine
+    name: str = "step"  # step | cosine | poly
     warmup_iters: int = 100
     warmup_factor: float = 0.001  # lr multiplier at iteration 0 of the linear warm-up
     steps: list[int] = field(default_factory=list)  # step: iterations where lr *= gamma
     gamma: float = 0.1
-    min_lr_factor: float = 0.0  # cosine: final lr = lr * min_lr_factor
+    min_lr_factor: float = 0.0  # cosine, poly: final lr = lr * min_lr_factor
+    power: float = 0.9  # poly: lr factor (1 - it / max_iters) ** power (mmseg's 0.9)
 
 
 @dataclass

@@ -273,14 +273,19 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def lr_factor(it: int, cfg: ScheduleConfig, max_iters: int) -> float:
-    """Multiplier of the base lr at iteration ``it`` (0-based): linear warm-up then step/cosine."""
+    """Multiplier of the base lr at iteration ``it`` (0-based): linear warm-up, then step,
+    cosine or poly (mmseg's: ``(1 - it / max_iters) ** power`` from 1 down to
+    ``min_lr_factor``)."""
+    t = min(it / max(max_iters, 1), 1.0)
     if cfg.name == "step":
         factor = cfg.gamma ** sum(it >= s for s in cfg.steps)
     elif cfg.name == "cosine":
-        t = min(it / max(max_iters, 1), 1.0)
         factor = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+    elif cfg.name == "poly":
+        factor = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * (1 - t) ** cfg.power
     else:
-        raise ValueError(f"train.schedule.name: unknown schedule '{cfg.name}' (valid: step, cosine)")
+        raise ValueError(f"train.schedule.name: unknown schedule '{cfg.name}' "
+                         f"(valid: step, cosine, poly)")
     if it < cfg.warmup_iters:
         alpha = it / cfg.warmup_iters
         factor *= cfg.warmup_factor * (1 - alpha) + alpha

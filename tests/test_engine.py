@@ -40,7 +40,7 @@ def test_sampler_is_a_function_of_position_and_shards_ranks():
     assert a[:2] + b[:2] == g[:4] and a[2:] + b[2:] == g[4:]
 
 
-def test_lr_schedule_warmup_step_and_cosine():
+def test_lr_schedule_warmup_step_cosine_and_poly():
     s = ScheduleConfig(name="step", warmup_iters=10, warmup_factor=0.1, steps=[20, 30], gamma=0.1)
     assert lr_factor(0, s, 40) == pytest.approx(0.1)
     assert lr_factor(5, s, 40) == pytest.approx(0.1 * 0.5 + 0.5)
@@ -50,7 +50,12 @@ def test_lr_schedule_warmup_step_and_cosine():
     c = ScheduleConfig(name="cosine", warmup_iters=0, min_lr_factor=0.0)
     assert lr_factor(50, c, 100) == pytest.approx(0.5)
     assert lr_factor(100, c, 100) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+    # poly, as mmseg's PolyLR: (1 - 0.75) ** 0.9 = 0.28717..., from 1 down to min_lr_factor
+    p = ScheduleConfig(name="poly", warmup_iters=0, power=0.9, min_lr_factor=0.01)
+    assert lr_factor(0, p, 100) == pytest.approx(1.0)
+    assert lr_factor(75, p, 100) == pytest.approx(0.294303, abs=1e-6)  # 0.01 + 0.99 x 0.287175
+    assert lr_factor(100, p, 100) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="unknown schedule 'linear' .valid: step, cosine, poly."):
         lr_factor(0, ScheduleConfig(name="linear"), 10)
 
 
