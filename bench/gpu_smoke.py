@@ -56,11 +56,13 @@ TINY = {"detection": ["model.name=vild_r10_fpn", "model.norm=gn", "model.image_s
 
 
 class RandomDetection(torch.utils.data.Dataset):
-    """``size`` x ``size`` random pictures with 5 boxes of ``classes`` and ``proposals`` cached
+    """``size`` x ``size`` random pictures with 5 boxes of ``classes`` (each with its box
+    filled as its mask, for a student with a mask head: ``masks``) and ``proposals`` cached
     boxes with unit teacher embeddings: :class:`detectors.recipe.DistillationSet`'s samples."""
 
-    def __init__(self, n, size, classes, proposals, dim):
+    def __init__(self, n, size, classes, proposals, dim, masks=False):
         self.n, self.size, self.classes, self.proposals, self.dim = n, size, classes, proposals, dim
+        self.masks = masks
 
     def __len__(self):
         return self.n
@@ -74,6 +76,11 @@ class RandomDetection(torch.utils.data.Dataset):
         image = torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=g)
         target = {"boxes": self._boxes(5, g),
                   "labels": torch.randint(1, self.classes + 1, (5,), generator=g)}
+        if self.masks:
+            masks = torch.zeros(5, self.size, self.size, dtype=torch.uint8)
+            for m, (x0, y0, x1, y1) in zip(masks, target["boxes"].long().tolist(), strict=True):
+                m[y0:y1, x0:x1] = 1
+            target["masks"] = masks
         distill = {"boxes": self._boxes(self.proposals, g),
                    "embeddings": F.normalize(torch.randn(self.proposals, self.dim, generator=g),
                                              dim=-1)}
@@ -134,7 +141,8 @@ def run(bench: str, device: str, steps: int, images: int, tiny: bool) -> dict:
             model.set_vocabulary(F.normalize(torch.randn(classes, teacher.embed_dim), dim=-1))
             size = cfg.model.image_size
             data = RandomDetection(cfg.train.batch_size * steps, size, classes,
-                                   cfg.cache.num_proposals, teacher.embed_dim)
+                                   cfg.cache.num_proposals, teacher.embed_dim,
+                                   masks=cfg.model.mask_head)
             criterion = build_criterion(**dataclasses.asdict(cfg.loss))
             engine.train(model, detection.training_step(criterion, distill=True), data,
                          cfg.train, tmp, criterion=criterion, collate_fn=collate,
