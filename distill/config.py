@@ -256,6 +256,9 @@ class PipelineConfig:
 
     segmenter: str | None = "configs/shapes/seg_distill.yaml"  # its stage's config; null: none
     teacher_baseline: bool = False  # also the teacher on proposals (slow on a CPU)
+    # the RPN's top proposals per val image that the teacher on proposals classifies (0: as
+    # many as a student scores, model.rpn_post_nms_top_n_test)
+    teacher_proposals: int = 0
     onnx: bool = False  # the exported student also as model.onnx
     pictures: int = 8  # val images drawn with the exported student's detections
 

@@ -156,8 +156,10 @@ def extract_stage(proposals: Path, cfg: ExperimentConfig, progress: bool) -> lis
 
 def teacher_stage_on_proposals(rpn_dir: Path, progress: bool) -> dict:
     """ViLD's baseline: the teacher classifies the ViLD-text RPN's proposals on the val split,
-    as many per image as a student's RoI heads score (``model.rpn_post_nms_top_n_test``)."""
-    num_proposals = load_config(rpn_dir / "config.yaml").model.rpn_post_nms_top_n_test
+    ``pipeline.teacher_proposals`` per image (0: as many as a student's RoI heads score,
+    ``model.rpn_post_nms_top_n_test``)."""
+    rpn_cfg = load_config(rpn_dir / "config.yaml")
+    num_proposals = rpn_cfg.pipeline.teacher_proposals or rpn_cfg.model.rpn_post_nms_top_n_test
     summary = rpn_dir / f"teacher_on_{num_proposals}_proposals" / "summary.json"
     if summary.is_file():
         print(f"teacher on proposals: reusing {summary.parent}")
