@@ -36,8 +36,8 @@ def main() -> int:
     args = p.parse_args()
     rows = []
     for run in args.run:
-        for scoring, r in measure_run(run, args.scoring, args.thresholds, args.rounds,
-                                      progress=False).items():
+        for scoring, r in measure_run(run, dict.fromkeys(args.scoring, args.rounds),
+                                      args.thresholds, progress=False).items():
             rows.append({"run": run, "scoring": scoring, **r})
             print(f"{run} {scoring}: novel {r['AP50_novel']:.3f} base {r['AP50_base']:.3f} "
                   f"all-names {r['all']:.3f} 3-names {r['few']:.3f} "

@@ -1,7 +1,7 @@
 """How a detector's scores hold up when the user names only a few classes.
 
     m = few_names(model, val, text_embeddings, novel, thresholds=[0.3, 0.5])
-    rows = measure_run("outputs/shapes/vild-<hash>", ["reference", "softmax"], [0.3, 0.5])
+    rows = measure_run("outputs/shapes/vild-<hash>", {"reference": 3, "softmax": 1}, [0.3, 0.5])
 
 For every class, box AP50 over the whole val split when the vocabulary is a random
 ``size``-name subset containing it (every other object still in the pictures, unnamed),
@@ -15,7 +15,7 @@ with other classes, which are scored there too).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torchvision.ops import box_iou
@@ -110,21 +110,21 @@ def few_names(model: ViLD, val: CocoDetection, text: torch.Tensor, novel: Sequen
             "size": size, "subsets": len(groups) - 1}
 
 
-def measure_run(run, scorings: Sequence[str], thresholds: Sequence[float], rounds: int = 3,
+def measure_run(run, rounds: Mapping[str, int], thresholds: Sequence[float],
                 progress: bool = True) -> dict[str, dict]:
-    """A trained detector run under each of ``scorings`` (``model.scoring`` values, the same
-    weights): its generalized-setting ``AP50_novel`` / ``AP50_base`` (every val name) and
-    :func:`few_names`'s figures, per scoring."""
+    """A trained detector run under each ``model.scoring`` of ``rounds`` (the same weights,
+    loaded once), with that many rounds of subsets: its generalized-setting ``AP50_novel`` /
+    ``AP50_base`` (every val name) and :func:`few_names`'s figures, per scoring."""
     from detectors import recipe as detection
 
     cfg, teacher, model = detection.load_trained(run)
     val = detection.val_set(cfg)
     text = teacher.text(val.names)
     rows = {}
-    for scoring in scorings:
+    for scoring, n in rounds.items():
         model.roi_heads.scoring = scoring
         generalized = detection.evaluate(model, teacher, val, None, progress=False)
-        m = few_names(model, val, text, val.novel, thresholds, rounds=rounds, progress=progress)
+        m = few_names(model, val, text, val.novel, thresholds, rounds=n, progress=progress)
         rows[scoring] = {"AP50_novel": generalized["AP50_novel"],
                          "AP50_base": generalized["AP50_base"], **m}
     return rows

@@ -70,7 +70,7 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
                   "input": {"color": "RGB", "scale": "uint8 0-255 or float 0-1",
                             "mean": model.mean.flatten().tolist(),
                             "std": model.std.flatten().tolist()},
-                  "thresholds": {"pixel": pixel_threshold(run)}, **common}
+                  "thresholds": {"pixel": saved_pixel_threshold(run)}, **common}
     else:
         model = detection.build_student(cfg, teacher)
         model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items()
@@ -99,7 +99,7 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
     return out
 
 
-def pixel_threshold(run: Path) -> float:
+def saved_pixel_threshold(run: Path) -> float:
     """The segmenter run's "none of these" cut, chosen on val (segmentors/recipe.py); 0 (every
     pixel named) for a run evaluated before there was one."""
     summary = run / "eval" / "summary.json"

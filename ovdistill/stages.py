@@ -40,6 +40,7 @@ from distill.config import (
 from distill.data.coco import dataset_paths, embedded_world
 from distill.data.proposals import tensors_sha256
 from distill.extraction import extract
+from ovdistill.export import SCORE_THRESHOLD
 from segmentors import recipe as segmentation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -182,21 +183,17 @@ FEW_NAMES_ROUNDS = {"reference": 3, "softmax": 1}
 def few_names_stage(run: Path, progress: bool) -> dict[str, dict]:
     """detectors/few_names.py on a trained ViLD run, per scoring of ``FEW_NAMES_ROUNDS``, at
     0.3 and the exports' default score threshold, into ``run/eval/few_names.json`` (reused
-    when there)."""
-    from ovdistill.export import SCORE_THRESHOLD
-
+    when it holds those cuts)."""
     path = run / "eval" / "few_names.json"
     cuts = sorted({0.3, SCORE_THRESHOLD})
-    if path.is_file():
-        rows = json.loads(path.read_text())
-    else:
-        rows = {}
-        for scoring, rounds in FEW_NAMES_ROUNDS.items():
-            rows.update(measure_run(run, [scoring], cuts, rounds, progress=progress))
-        atomic_write(path, json.dumps(rows, indent=2) + "\n")
+    rows = json.loads(path.read_text()) if path.is_file() else {}
     for r in rows.values():  # JSON keys are strings
         for k in ("unnamed_per_image", "named_per_image"):
             r[k] = {float(t): v for t, v in r[k].items()}
+    if set(rows) != set(FEW_NAMES_ROUNDS) or any(
+            not set(cuts) <= set(r["unnamed_per_image"]) for r in rows.values()):
+        rows = measure_run(run, FEW_NAMES_ROUNDS, cuts, progress=progress)
+        atomic_write(path, json.dumps(rows, indent=2) + "\n")
     return rows
 
 
@@ -273,8 +270,6 @@ def ablation_floors(mean: dict[str, dict], seconds: float) -> list[tuple[str, fl
 def few_names_lines(few: dict[int, dict[str, dict]]) -> list[str]:
     """The ViLD student's scores with 3-name vocabularies (few_names_stage) per seed and
     scoring, as markdown lines."""
-    from ovdistill.export import SCORE_THRESHOLD
-
     cut = SCORE_THRESHOLD
     lines = [f"ViLD with random 3-name vocabularies (detectors/few_names.py: each class's AP50 "
              f"with every name and averaged over the 3-name vocabularies that name it; "
@@ -298,8 +293,6 @@ def few_names_floors(few: dict[int, dict[str, dict]]) -> list[tuple[str, float, 
     AP50 >= 0.9 and <= 0.2 detections per image on unnamed objects at the default threshold;
     its generalized novel and base AP50 no lower than softmax's, within the seed spread (the
     range of softmax's over the seeds)."""
-    from ovdistill.export import SCORE_THRESHOLD
-
     def mean(scoring, key, cut=None):
         return statistics.fmean(r[scoring][key] if cut is None else r[scoring][key][cut]
                                 for r in few.values())

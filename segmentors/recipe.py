@@ -234,13 +234,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     model.eval()
     metrics = evaluate(lambda images: model(images)["pixel_logits"], teacher, val_set, model,
                        out / "eval", cfg.seg, progress=progress)
-    metrics.update(pixel_threshold(model, teacher, val_set, out / "eval", cfg.seg, progress))
+    metrics.update(choose_pixel_threshold(model, teacher, val_set, out / "eval", cfg.seg,
+                                          progress))
     atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def pixel_threshold(model: PixelEmbeddingSegmenter, teacher: Teacher, val_set, out_dir: Path,
-                    seg, progress: bool = True) -> dict[str, float]:
+def choose_pixel_threshold(model: PixelEmbeddingSegmenter, teacher: Teacher, val_set,
+                           out_dir: Path, seg, progress: bool = True) -> dict[str, float]:
     """The "none of these" cut, chosen on val by segmentors/few_names.py (the best mIoU with
     3-name vocabularies; the full measure in ``out_dir/few_names.json``): ``pixel_threshold``
     (the export's ``thresholds.pixel``) and the 3-name figures at it."""

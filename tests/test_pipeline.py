@@ -99,7 +99,7 @@ def test_ablation_floors_hand_computed():
 
 
 def test_few_names_floors_hand_computed(monkeypatch):
-    monkeypatch.setattr("ovdistill.export.SCORE_THRESHOLD", 0.5)  # the exports' default cut
+    monkeypatch.setattr("ovdistill.stages.SCORE_THRESHOLD", 0.5)  # the exports' default cut
 
     def row(novel, base, ratio, unnamed):
         return {"AP50_novel": novel, "AP50_base": base, "few_over_all": ratio,
