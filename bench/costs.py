@@ -1,6 +1,8 @@
-"""Per-image costs of the real-benchmark configs (FLOPs counted, CPU seconds timed, cache bytes).
+"""Per-image costs of the real-benchmark configs (FLOPs counted, CPU seconds timed, cache
+bytes), and the ``short`` detection schedule they give (configs/vild_r50_short.yaml).
 
     python bench/costs.py [--crops 32] [--reps 1] [--threads N] [--json costs.json]
+    python bench/costs.py --smoke gpu_smoke.json   # the short schedule from a GPU's s/iter
 
 For docs/reproduce.md's time and disk estimates. Models are the configs' own (open_clip
 ViT-B/32 and ViT-B/16 teachers, ViLD R50-FPN at 1024 px, R50-FPN segmenter on 512 crops)
@@ -16,11 +18,17 @@ constant). Rows, per image of the benchmark:
 - ade teacher: ViT-B/16 dense passes over the sliding 512-px windows (stride 341) of a
   512 x 683 image (ADE20k's typical 4:3 at short side 512: 2 windows), key smoothing off;
 - ade train: one R50-FPN segmenter step on a 512 crop + the teacher's dense pass on it.
+
+The short schedule is the number of images 8 GPUs train on in 24 hours, at the seconds
+per image of ``bench/gpu_smoke.py``'s COCO-OV row (``--smoke``) or, without one, of the
+train row's FLOPs at an assumed 50 TFLOP/s per GPU (labelled as such), in iterations of
+16 images with ViLD's steps at 90 % and 95 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,14 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from detectors import build_detector  # noqa: E402
+from distill.config import load_config  # noqa: E402
 from distill.losses import Criterion  # noqa: E402
 from distill.teacher import build_teacher  # noqa: E402
 from segmentors import build_segmenter  # noqa: E402
 from segmentors.inference import window_starts  # noqa: E402
 
 PROPOSALS = 300
+ASSUMED_FLOPS = 50e12  # per GPU and second: an assumption (docs/reproduce.md), not measured
+SHORT = {"gpus": 8, "hours": 24, "batch": 16}  # a lab's day on 8 GPUs, 2 images per GPU
 EMBED_BYTES = 512 * 2  # float16 embedding of a ViT-B teacher
 BOX_BYTES = 4 * 4 + 4  # float32 xyxy + score
 
@@ -55,13 +67,41 @@ def measure(fn, reps: int) -> tuple[float, float]:
     return float(counter.get_total_flops()), sorted(times)[len(times) // 2]
 
 
+def short_schedule(seconds_per_image: float, gpus: int = SHORT["gpus"],
+                   hours: float = SHORT["hours"], batch: int = SHORT["batch"]) -> dict:
+    """The iterations of ``batch`` images that ``gpus`` GPUs run in ``hours`` at
+    ``seconds_per_image`` per image and GPU (rounded down to 1000), with ViLD's lr steps at
+    90 % and 95 % of them."""
+    images = gpus * hours * 3600 / seconds_per_image
+    iters = int(images // batch // 1000 * 1000)
+    return {"max_iters": iters, "steps": [iters * 9 // 10, iters * 19 // 20],
+            "images": iters * batch}
+
+
+def print_short(seconds_per_image: float, source: str) -> dict:
+    short = short_schedule(seconds_per_image)
+    print(f"\nshort schedule ({SHORT['gpus']} GPUs x {SHORT['hours']} h at "
+          f"{seconds_per_image:.4f} s per image and GPU, {source}): "
+          f"{short['images'] / 1e6:.2f}M images, configs/vild_r50_short.yaml:")
+    print(f"  train.max_iters: {short['max_iters']}\n  train.schedule.steps: {short['steps']}")
+    return short
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--crops", type=int, default=32, help="teacher crops timed (scaled to 600)")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--smoke", default=None,
+                   help="bench/gpu_smoke.py's JSON: the short schedule from its COCO-OV s/iter")
     a = p.parse_args(argv)
+    if a.smoke:
+        row = next(r for r in json.loads(Path(a.smoke).read_text())
+                   if r["config"].endswith("coco_ov/vild.yaml"))
+        print_short(row["s_per_iter"] / row["batch"],
+                    f"measured by bench/gpu_smoke.py on {row['device']}")
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -76,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     rows["extract (ViT-B/32, 600 crops)"] = (flops * scale, sec * scale)
 
     dim = b32.embed_dim
-    det = build_detector("vild_r50_fpn", embed_dim=dim, image_size=1024, hidden=1024,
-                         box_batch_size_per_image=512)
+    model = dataclasses.asdict(load_config(REPO / "configs/coco_ov/vild.yaml").model)
+    det = build_detector(**model, embed_dim=dim)  # ViLD's R50-FPN, 4conv+1fc head, 1024 px
     det.set_vocabulary(F.normalize(torch.randn(48, dim), dim=-1))
     big = torch.randint(0, 256, (3, 768, 1024), dtype=torch.uint8)
     target = {"boxes": torch.tensor([[100.0, 100, 300, 400], [500, 200, 700, 600]]),
@@ -131,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, (flops, sec) in rows.items():
         print(f"| {name} | {flops / 1e9:.0f} | {sec:.2f} |")
     print(f"\ncache per image: {PROPOSALS} x ({EMBED_BYTES} + {BOX_BYTES}) B = {cache / 1e3:.0f} kB")
+    train_flops = rows["train (ViLD R50-FPN step, 1024 px)"][0]
+    short = print_short(train_flops / ASSUMED_FLOPS,
+                        f"FLOP estimate at an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s")
     if a.json:
         Path(a.json).write_text(json.dumps(
             {"per_image": {k: {"flops": f, "cpu_seconds": s} for k, (f, s) in rows.items()},
-             "cache_bytes_per_image": cache, "threads": torch.get_num_threads()}, indent=2))
+             "cache_bytes_per_image": cache, "threads": torch.get_num_threads(),
+             "short_schedule": short}, indent=2))
     return 0
 
 

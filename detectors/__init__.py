@@ -12,8 +12,10 @@ from distill.backbones import resnet_fpn
 
 
 def _small_vild(depth: int, embed_dim: int, fpn_channels: int, norm: str,
-                backbone_weights: str | None, image_size: int, **kwargs) -> ViLD:
-    backbone = resnet_fpn(depth, (2, 3, 4), fpn_channels, norm, backbone_weights)
+                backbone_weights: str | None, image_size: int, fpn_norm: str = "none",
+                **kwargs) -> ViLD:
+    backbone = resnet_fpn(depth, (2, 3, 4), fpn_channels, norm, backbone_weights,
+                          fpn_norm=fpn_norm)
     return build_vild(backbone, embed_dim, min_size=image_size, max_size=image_size,
                       anchor_sizes=((16,), (32,), (64,), (128,)), featmap_names=("0", "1", "2"),
                       **kwargs)
@@ -31,12 +33,13 @@ def vild_r10_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
     return _small_vild(10, embed_dim, fpn_channels, norm, backbone_weights, image_size, **kwargs)
 
 
-def vild_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_bn",
+def vild_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "bn",
                  backbone_weights: str | None = None, image_size: int = 1024,
-                 **kwargs) -> ViLD:
-    """ViLD's R50-FPN student for COCO/LVIS (ImageNet backbone weights from a local file)."""
+                 fpn_norm: str = "none", **kwargs) -> ViLD:
+    """ViLD's R50-FPN student for COCO/LVIS: from scratch with trainable norms (ViLD's), or
+    from ImageNet weights in a local file (stem and layer1 frozen, as detectron2)."""
     backbone = resnet_fpn(50, (1, 2, 3, 4), fpn_channels, norm, backbone_weights,
-                          trainable_layers=3 if backbone_weights else 5)
+                          trainable_layers=3 if backbone_weights else 5, fpn_norm=fpn_norm)
     return build_vild(backbone, embed_dim, min_size=image_size, max_size=image_size,
                       anchor_sizes=((32,), (64,), (128,), (256,), (512,)),
                       featmap_names=("0", "1", "2", "3"), **kwargs)

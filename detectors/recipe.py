@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from detectors import ViLD, build_detector
+from detectors.augment import hflip_target, large_scale_jitter
 from detectors.inference import evaluate_detector, write_proposals
-from detectors.vild import hflip_target
 from distill.cache import EmbeddingCache, open_cache
-from distill.config import ExperimentConfig, atomic_write, save_config
+from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
 from distill.data.coco import (
     CocoDetection,
     DatasetError,
@@ -43,16 +43,25 @@ class DistillationSet(torch.utils.data.Dataset):
     """Training samples: image, targets in the base vocabulary, cached proposals + embeddings.
 
     ``min_objectness`` > 0 keeps only the cached proposals whose RPN objectness is at
-    least that; ``distill_per_image`` > 0 then draws that many of them per step. Flips
-    (p=0.5) and draws come from the engine's per-sample generator (:meth:`sample`; the
-    global torch RNG for ``dataset[i]``), so a resumed run, with any number of loader
-    workers, sees the same samples.
+    least that; ``distill_per_image`` > 0 then draws that many of them per step. Each
+    sample is flipped (p=0.5) and, with ``scale_jitter`` (low, high), large-scale jittered
+    to ``size`` x ``size`` (:func:`detectors.augment.large_scale_jitter`: ground-truth
+    boxes, masks and the cached boxes with their embeddings move together). Flips, jitter
+    and draws come from the engine's per-sample generator (:meth:`sample`; the global torch
+    RNG for ``dataset[i]``), so a resumed run, with any number of loader workers, sees the
+    same samples.
     """
 
     def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True,
-                 distill_per_image: int = 0, min_objectness: float = 0.0):
+                 distill_per_image: int = 0, min_objectness: float = 0.0,
+                 scale_jitter: list[float] | None = None, size: int = 0):
+        if scale_jitter and (len(scale_jitter) != 2 or not 0 < scale_jitter[0] <=
+                             scale_jitter[1] or size <= 0):
+            raise ConfigError(f"data.scale_jitter: [low, high] with 0 < low <= high, or [] "
+                              f"for none (got {list(scale_jitter)})")
         self.data, self.cache, self.flip = data, cache, flip
         self.distill_per_image, self.min_objectness = distill_per_image, min_objectness
+        self.scale_jitter, self.size = (tuple(scale_jitter) if scale_jitter else None), size
 
     def __len__(self) -> int:
         return len(self.data)
@@ -82,6 +91,11 @@ class DistillationSet(torch.utils.data.Dataset):
             target = hflip_target(target, w)
             if distill is not None:
                 distill = hflip_target(distill, w)
+        if self.scale_jitter is not None:
+            both = [target] if distill is None else [target, distill]
+            image, both = large_scale_jitter(image, both, self.size, self.scale_jitter,
+                                             generator)
+            target, distill = both[0], (both[1] if distill is not None else None)
         return {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
 
 
@@ -182,7 +196,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         periodic = (lambda m: evaluate(m, teacher, val, None, False)) if cfg.train.eval_period \
             else None
         samples = DistillationSet(data, cache, distill_per_image=cfg.data.distill_per_image,
-                                  min_objectness=cfg.data.distill_min_objectness)
+                                  min_objectness=cfg.data.distill_min_objectness,
+                                  scale_jitter=cfg.data.scale_jitter, size=cfg.model.image_size)
         train_loop(model, loss_fn, samples, cfg.train, out, criterion=criterion,
                    collate_fn=collate, evaluate=periodic, resume=resume, progress=progress)
     metrics = evaluate(model, teacher, val, out / "eval", progress)

@@ -25,7 +25,8 @@ cached boxes are targets, in the same order:
     losses = criterion(outputs, {"distill_targets": torch.cat([(P_i, D) per image])})
 
 (targets also hold ``masks`` (N, H, W) uint8 for a student with a mask head; a
-horizontal flip of an image mirrors its targets with :func:`hflip_target`.)
+horizontal flip of an image mirrors its targets with
+:func:`detectors.augment.hflip_target`.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
@@ -54,6 +56,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
+from distill.backbones import norm_layer
 from distill.scoring import known_names, reference_probs, take_rows
 
 # model.scoring: how a region's names are scored (EmbeddingRoIHeads.class_probs)
@@ -109,17 +112,6 @@ class GatherRoIAlign(MultiScaleRoIAlign):
         return torch.cat(pooled)[torch.argsort(torch.cat(index))]
 
 
-def hflip_target(target: dict[str, Tensor], width: int) -> dict[str, Tensor]:
-    """A copy of ``target`` mirrored left-right in an image of ``width`` pixels: ``boxes``
-    (N, 4) xyxy and, when present, ``masks`` (N, H, W); other entries are kept as they are."""
-    out = dict(target)
-    b = target["boxes"]
-    out["boxes"] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
-    if "masks" in target:
-        out["masks"] = target["masks"].flip(-1)
-    return out
-
-
 def below(score: float) -> float:
     """The float32 just below ``score``: ``x > below(s)`` is ``x >= s`` for float32 ``x``."""
     return float(np.nextafter(np.float32(score), np.float32(-np.inf)))
@@ -133,19 +125,27 @@ def binary_masks(probs: Tensor) -> Tensor:
 class EmbeddingHead(nn.Module):
     """RoI features -> L2-normalised embeddings (R, D) and class-agnostic deltas (R, 4).
 
-    Two FC layers (as torchvision's ``TwoMLPHead``) then a linear projection to D.
+    torchvision's ``FastRCNNConvFCHead`` (``convs`` 3x3 convolutions as wide as the input,
+    each with ``norm`` and ReLU, then ``fcs`` FC layers of ``hidden`` with ReLU), then a
+    linear projection to D. The default (0 convs, 2 FCs) is torchvision's ``TwoMLPHead``;
+    ViLD's is 4 convs with batch norm + FCs.
     """
 
     def __init__(self, in_channels: int, resolution: int, embed_dim: int, hidden: int = 1024,
-                 box_regression: bool = True):
+                 box_regression: bool = True, convs: int = 0, fcs: int = 2,
+                 norm: str = "none"):
         super().__init__()
-        self.fc6 = nn.Linear(in_channels * resolution**2, hidden)
-        self.fc7 = nn.Linear(hidden, hidden)
+        if fcs < 1 or convs < 0:
+            raise ValueError(f"model.head_fcs must be >= 1 and model.head_convs >= 0 (got "
+                             f"{fcs}, {convs})")
+        self.trunk = FastRCNNConvFCHead((in_channels, resolution, resolution),
+                                        [in_channels] * convs, [hidden] * fcs,
+                                        norm_layer=norm_layer(norm, "model.head_norm", frozen=False))
         self.projection = nn.Linear(hidden, embed_dim)
         self.bbox_pred = nn.Linear(hidden, 4) if box_regression else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        x = F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+        x = self.trunk(x)
         embeddings = F.normalize(self.projection(x), dim=-1)
         return embeddings, (self.bbox_pred(x) if self.bbox_pred is not None else None)
 
@@ -437,10 +437,12 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
                hidden: int = 1024, featmap_names: tuple[str, ...] = ("0", "1", "2", "3"),
                image_mean=(0.485, 0.456, 0.406),
                image_std=(0.229, 0.224, 0.225), mask_head: bool = False,
-               scoring: str = "reference") -> ViLD:
+               scoring: str = "reference", head_convs: int = 0, head_fcs: int = 2,
+               head_norm: str = "none") -> ViLD:
     """Compose a ViLD student around ``backbone`` (with ``out_channels`` and FPN maps '0'..).
 
-    ``mask_head`` adds the class-agnostic Mask R-CNN branch (its convs as wide as the FPN).
+    ``mask_head`` adds the class-agnostic Mask R-CNN branch (its convs as wide as the FPN);
+    ``head_convs``, ``head_fcs``, ``head_norm``: the RoI head's layers (:class:`EmbeddingHead`).
     """
     channels = backbone.out_channels
     anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
@@ -457,9 +459,11 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
                                                  sampling_ratio=roi_sampling_ratio),
                  "mask_head": MaskRCNNHeads(channels, (channels,) * 4, 1),
                  "mask_predictor": MaskRCNNPredictor(channels, channels, 1)}
+    layers = {"convs": head_convs, "fcs": head_fcs, "norm": head_norm}
     roi_heads = EmbeddingRoIHeads(
-        pool, EmbeddingHead(channels, 7, embed_dim, hidden),
-        EmbeddingHead(channels, 7, embed_dim, hidden, box_regression=False) if ensemble else None,
+        pool, EmbeddingHead(channels, 7, embed_dim, hidden, **layers),
+        EmbeddingHead(channels, 7, embed_dim, hidden, box_regression=False, **layers)
+        if ensemble else None,
         embed_dim, temperature, ensemble_lambda, scoring,
         fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=box_batch_size_per_image,
         positive_fraction=0.25, bbox_reg_weights=None, score_thresh=box_score_thresh,

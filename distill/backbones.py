@@ -15,26 +15,44 @@ _CHANNELS = {10: [64, 128, 256, 512], 18: [64, 128, 256, 512], 34: [64, 128, 256
              50: [256, 512, 1024, 2048]}
 
 
+def norm_layer(name: str, key: str = "model.norm", frozen: bool = True):
+    """A norm layer class (or factory) for ``name``: "gn" (GroupNorm, 32 groups at most, for
+    training from scratch with small batches), "bn" (trainable BatchNorm; the engine makes it
+    ``SyncBatchNorm`` under DDP on CUDA), "frozen_bn" (``frozen``: for ImageNet weights
+    only) or "none" (None); ``key`` names the setting in the error."""
+    norms = {"gn": lambda c: nn.GroupNorm(min(32, c // 8), c), "bn": nn.BatchNorm2d,
+             "none": None}
+    if frozen:
+        norms["frozen_bn"] = FrozenBatchNorm2d
+    if name not in norms:
+        raise ValueError(f"{key}: unknown norm '{name}' (valid: {', '.join(norms)})")
+    return norms[name]
+
+
 def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 64,
                norm: str = "gn", weights: str | None = None,
-               trainable_layers: int = 5) -> BackboneWithFPN:
+               trainable_layers: int = 5, fpn_norm: str = "none",
+               section: str = "model") -> BackboneWithFPN:
     """torchvision ResNet-``depth`` + FPN with ``fpn_channels`` outputs ('0', '1', ... + 'pool').
 
-    ``norm``: "gn" (GroupNorm, for training from scratch with small batches),
-    "bn" or "frozen_bn" (for ImageNet weights). ``weights``: a local torchvision
-    ResNet state_dict (.pth/.safetensors) or a detectron2 model-zoo ``.pkl``
-    (distill/detectron2.py), loaded safely; None trains from scratch.
+    ``norm``: the ResNet's (:func:`norm_layer`; "frozen_bn" only with ``weights``: frozen
+    identity norms on a random network are refused); ``fpn_norm``: the FPN's convolutions'
+    (default none, as torchvision). ``weights``: a local torchvision ResNet state_dict
+    (.pth/.safetensors) or a detectron2 model-zoo ``.pkl`` (distill/detectron2.py), loaded
+    safely; None trains from scratch. ``section``: the config section errors name.
     """
     if depth not in _CHANNELS:
-        raise ValueError(f"model.depth: unsupported ResNet depth {depth} (valid: 10, 18, 34, 50)")
-    norms = {"gn": lambda c: nn.GroupNorm(min(32, c // 8), c), "bn": nn.BatchNorm2d,
-             "frozen_bn": FrozenBatchNorm2d}
-    if norm not in norms:
-        raise ValueError(f"model.norm: unknown norm '{norm}' (valid: {', '.join(norms)})")
+        raise ValueError(f"{section}.depth: unsupported ResNet depth {depth} (valid: 10, 18, 34, 50)")
+    layer = norm_layer(norm, f"{section}.norm")
+    if norm == "frozen_bn" and weights is None:
+        raise ValueError(f"{section}.norm: frozen_bn with no {section}.backbone_weights would "
+                         f"train a random ResNet whose norms are fixed identities; set "
+                         f"{section}.backbone_weights (an ImageNet state_dict) or "
+                         f"{section}.norm=bn (trainable; SyncBatchNorm under DDP on CUDA)")
     if depth == 10:  # ResNet-18 with one BasicBlock per stage: half its cost, for tiny worlds
-        body = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norms[norm])
+        body = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=layer)
     else:
-        body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=norms[norm])
+        body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=layer)
     if weights is not None:
         _load_body(body, Path(weights))
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
@@ -43,7 +61,8 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
     return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned_layers)}
     in_channels = [_CHANNELS[depth][k - 1] for k in returned_layers]
     return BackboneWithFPN(body, return_layers, in_channels, fpn_channels,
-                           extra_blocks=LastLevelMaxPool())
+                           extra_blocks=LastLevelMaxPool(),
+                           norm_layer=norm_layer(fpn_norm, f"{section}.fpn_norm", frozen=False))
 
 
 def _load_body(body: nn.Module, path: Path) -> None:

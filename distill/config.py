@@ -1,8 +1,8 @@
 """Typed experiment configuration.
 
 Dataclasses are the schema; YAML experiment files hold only what differs from
-the defaults (through a chain of ``base:`` files); ``a.b=c`` overrides come from
-the command line. Loading goes through OmegaConf structured configs, so an
+the defaults (through a chain of ``base:`` files); ``a.b=c`` overrides, and YAML files
+of overrides, come from the command line. Loading goes through OmegaConf structured configs, so an
 unknown key or a value of the wrong type fails with a :class:`ConfigError`
 naming the key and the closest valid key.
 
@@ -73,6 +73,10 @@ class DataConfig:
     # this many of them drawn per image and step (0: all)
     distill_min_objectness: float = 0.0
     distill_per_image: int = 0
+    # detector training: large-scale jitter (ViLD: [0.1, 2.0]): scale the long side to
+    # model.image_size x U(low, high), cut a window of at most image_size x image_size,
+    # pad to that square (detectors/augment.py); []: none (resize to image_size only)
+    scale_jitter: list[float] = field(default_factory=list)
     # names of the novel classes (held out of training, scored apart); unset: the files'
     # ``split`` tags (or LVIS's rare frequency). ``tools/pipeline.py`` sets it for
     # untagged files (distill.data.coco.split_classes)
@@ -136,7 +140,10 @@ class DetectorConfig:
     name: str = "vild_r18_fpn"  # see detectors.BUILDERS
     image_size: int = 160  # images are resized to this (min and max side)
     fpn_channels: int = 64
-    norm: str = "gn"  # gn | bn | frozen_bn
+    # the ResNet's norm: gn | bn (trainable; SyncBatchNorm under DDP on CUDA) | frozen_bn
+    # (only with backbone_weights: a random ResNet with frozen norms is refused)
+    norm: str = "gn"
+    fpn_norm: str = "none"  # the FPN convolutions' norm: none (torchvision's) | bn | gn
     backbone_weights: str | None = None  # local torchvision ResNet state_dict
     temperature: float = 0.01  # ViLD: logits = cosine / 0.01
     # how a region's names are scored (detectors/vild.py EmbeddingRoIHeads.class_probs):
@@ -147,7 +154,12 @@ class DetectorConfig:
     ensemble: bool = False  # ViLD-ensemble: a second, image-distilled head
     ensemble_lambda: float = 0.6667  # base: text^l image^(1-l); novel: text^(1-l) image^l
     mask_head: bool = False  # class-agnostic Mask R-CNN mask branch (instance masks)
-    hidden: int = 1024  # width of the RoI head's two FC layers
+    # the RoI head (detectors/vild.py EmbeddingHead): head_convs 3x3 convolutions with
+    # head_norm (none | bn | gn), then head_fcs FC layers of width hidden; ViLD's: 4, bn, 1
+    head_convs: int = 0
+    head_norm: str = "none"
+    head_fcs: int = 2
+    hidden: int = 1024
     box_batch_size_per_image: int = 512
     roi_sampling_ratio: int = 2  # RoIAlign samples per bin side (torchvision's Faster R-CNN: 2)
     box_score_thresh: float = 0.001
@@ -368,7 +380,8 @@ def load_config(
     schema: type = ExperimentConfig,
 ) -> Any:
     """Defaults <- ``base:`` files, farthest first <- ``path`` <- ``overrides``; returns a
-    schema instance.
+    schema instance. Each override is ``key=value`` or a YAML file of overrides (merged with
+    its own ``base:`` chain where it stands: e.g. a schedule, ``configs/vild_r50_short.yaml``).
 
     Each ``base`` is resolved relative to the file that names it, and may name its own
     ``base`` (any depth; a cycle is refused, naming the files).
@@ -378,8 +391,12 @@ def load_config(
         for source, data in reversed(_base_chain(Path(path))):
             cfg = _merge(cfg, data, str(source), schema)
     for item in overrides or []:
+        if "=" not in item and item.endswith((".yaml", ".yml")):  # a file of overrides
+            for source, data in reversed(_base_chain(Path(item))):
+                cfg = _merge(cfg, data, str(source), schema)
+            continue
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override '{item}' is neither key=value nor a .yaml file")
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:

@@ -133,12 +133,24 @@ def check_amp(cfg: TrainConfig, device: torch.device) -> None:
         raise ConfigError(f"train.amp_dtype: {cfg.amp_dtype!r} (valid: bfloat16, float16)")
 
 
+def sync_batch_norm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with its trainable BatchNorm layers made ``SyncBatchNorm`` (in place; the same
+    parameters, buffers and state_dict keys) when it trains on CUDA, where DDP's NCCL group
+    averages their batch statistics over every process (ViLD's synchronised BN); as it is
+    on the CPU (gloo has no SyncBatchNorm: each process normalises its own batch)."""
+    if device.type != "cuda":
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model`` in DistributedDataParallel whenever a process group exists (world size 1
-    included), pinned to ``device`` on CUDA; the model itself otherwise."""
+    included), pinned to ``device`` on CUDA with synchronised batch norm
+    (:func:`sync_batch_norm`); the model itself otherwise."""
     if not (dist.is_available() and dist.is_initialized()):
         return model
     if device.type == "cuda":
+        model = sync_batch_norm(model, device)
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index],
                                                          output_device=device.index)
     return torch.nn.parallel.DistributedDataParallel(model)

@@ -19,7 +19,8 @@ def _seg(depth: int, embed_dim: int, fpn_channels: int, norm: str, temperature: 
          backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
     # strides 8, 16, 32 (ResNet layers 2-4): the embedded world's 160 px -> 20 x 20 pixels
     return PixelEmbeddingSegmenter(resnet_fpn(depth, (2, 3, 4), fpn_channels, norm,
-                                              backbone_weights), embed_dim, temperature)
+                                              backbone_weights, section="seg"),
+                                   embed_dim, temperature)
 
 
 def seg_r18_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
@@ -36,7 +37,7 @@ def seg_r10_fpn(embed_dim: int, *, fpn_channels: int = 64, norm: str = "gn",
     return _seg(10, embed_dim, fpn_channels, norm, temperature, backbone_weights)
 
 
-def seg_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "frozen_bn",
+def seg_r50_fpn(embed_dim: int, *, fpn_channels: int = 256, norm: str = "gn",
                 temperature: float = 0.05,
                 backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
     """ResNet-50/FPN for ADE20k (ImageNet backbone weights from a local file)."""

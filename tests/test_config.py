@@ -64,8 +64,11 @@ def test_bad_files_and_overrides(tmp_path):
     bad = write(tmp_path / "bad.yaml", "train: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: malformed YAML"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="override 'train.max_iters' is not of the form"):
+    with pytest.raises(ConfigError, match="override 'train.max_iters' is neither key=value "
+                                          "nor a .yaml file"):
         load_config(None, ["train.max_iters"])
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(None, [str(tmp_path / "nope.yaml")])
     write(tmp_path / "a.yaml", "base: sub/b.yaml\n")
     write(tmp_path / "sub" / "b.yaml", "base: ../a.yaml\n")
     with pytest.raises(ConfigError, match=r"a.yaml: a cycle of base configs \(.*a.yaml -> "
@@ -89,6 +92,20 @@ def test_bases_chain_to_any_depth_nearest_winning(tmp_path):
     assert cfg.train.optim.lr == 0.2  # mid beats root
     assert cfg.world.num_val == 11  # the file beats its bases
     assert cfg.train.batch_size == load_config(None).train.batch_size  # the default
+
+
+def test_a_yaml_file_among_the_overrides_merges_where_it_stands(tmp_path):
+    """``--config exp.yaml schedule.yaml key=value``: the file beats the config, a later
+    key=value beats the file, an earlier one loses to it; its own base: chain comes along."""
+    exp = write(tmp_path / "exp.yaml", "train:\n  max_iters: 7\n  batch_size: 3\n")
+    write(tmp_path / "sched_base.yaml", "train:\n  log_period: 5\n")
+    sched = write(tmp_path / "sched.yaml", "base: sched_base.yaml\ntrain:\n  max_iters: 70\n"
+                                           "  schedule:\n    steps: [50, 60]\n")
+    cfg = load_config(exp, ["train.schedule.steps=[1]", str(sched), "train.batch_size=4"])
+    assert cfg.train.max_iters == 70 and cfg.train.schedule.steps == [50, 60]
+    assert (cfg.train.batch_size, cfg.train.log_period) == (4, 5)
+    with pytest.raises(ConfigError, match=r"sched_bad.yaml: unknown config key 'train.max_iter'"):
+        load_config(exp, [str(write(tmp_path / "sched_bad.yaml", "train:\n  max_iter: 1\n"))])
 
 
 def test_resolved_config_round_trip(tmp_path):

@@ -132,6 +132,69 @@ def test_gather_roi_align_equals_torchvision_across_levels_and_images():
     assert got.shape == (60, 8, 7, 7) and torch.equal(got, want)
 
 
+def test_vilds_4conv_1fc_head_layout_and_parameter_count():
+    """model.head_convs=4, head_norm=bn, head_fcs=1 (ViLD's RoI head) beside the default 2 FCs."""
+    from torch import nn
+
+    m = _model(head_convs=4, head_norm="bn", head_fcs=1, fpn_channels=32)
+    head = m.roi_heads.text_head
+    kinds = [type(layer).__name__ for layer in head.trunk]
+    assert kinds == ["Conv2dNormActivation"] * 4 + ["Flatten", "Linear", "ReLU"]
+    convs = [layer[0] for layer in list(head.trunk)[:4]]
+    assert all((c.in_channels, c.out_channels, c.kernel_size, c.padding, c.bias) ==
+               (32, 32, (3, 3), (1, 1), None) for c in convs)  # no bias before the norm
+    assert all(isinstance(layer[1], nn.BatchNorm2d) for layer in list(head.trunk)[:4])
+    c, r, hidden, d = 32, 7, 32, 16  # FPN channels, RoI side, FC width, embedding
+    by_hand = (4 * (c * c * 9 + 2 * c)  # convs (no bias) + BN weight and bias
+               + c * r * r * hidden + hidden  # the FC
+               + hidden * d + d  # projection to the embedding
+               + hidden * 4 + 4)  # class-agnostic box deltas
+    assert sum(p.numel() for p in head.parameters()) == by_hand
+    default = _model(fpn_channels=32).roi_heads.text_head
+    assert [type(layer).__name__ for layer in default.trunk] == [
+        "Flatten", "Linear", "ReLU", "Linear", "ReLU"]  # torchvision's TwoMLPHead
+    assert sum(p.numel() for p in default.parameters()) == (
+        c * r * r * hidden + hidden + hidden * hidden + hidden + hidden * d + d + hidden * 4 + 4)
+    m.set_training_vocabulary(F.normalize(torch.randn(3, 16), dim=-1))
+    out = m([torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8)],
+            [{"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([1])}])
+    assert out["region_embeddings"].shape[1] == 16
+
+
+def test_frozen_norms_on_a_random_backbone_are_refused():
+    with pytest.raises(ValueError, match=r"^model.norm: frozen_bn with no "
+                                         r"model.backbone_weights would train a random ResNet"):
+        _model(norm="frozen_bn")
+    from segmentors import build_segmenter
+
+    with pytest.raises(ValueError, match=r"^seg.norm: frozen_bn with no seg.backbone_weights"):
+        build_segmenter("seg_r10_fpn", embed_dim=8, norm="frozen_bn")
+    with pytest.raises(ValueError, match=r"model.head_norm: unknown norm 'frozen_bn' "
+                                         r"\(valid: gn, bn, none\)"):
+        _model(head_convs=1, head_norm="frozen_bn")
+
+
+def test_batch_norm_is_synchronised_on_cuda_only():
+    """ViLD's trainable SyncBN: the engine converts every BatchNorm (backbone, FPN, RoI head)
+    when the student trains on CUDA, keeping its parameters and state_dict keys; the CPU
+    (gloo) keeps plain BatchNorm."""
+    from torch import nn
+
+    from distill.engine import sync_batch_norm
+
+    m = _model(norm="bn", fpn_norm="bn", head_convs=2, head_norm="bn")
+    keys, params = list(m.state_dict()), list(m.parameters())
+    bns = sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    assert bns > 20
+    assert sync_batch_norm(m, torch.device("cpu")) is m
+    assert sum(isinstance(x, nn.SyncBatchNorm) for x in m.modules()) == 0
+    synced = sync_batch_norm(m, torch.device("cuda", 0))
+    assert sum(isinstance(x, nn.SyncBatchNorm) for x in synced.modules()) == bns
+    assert not any(type(x) is nn.BatchNorm2d for x in synced.modules())
+    assert list(synced.state_dict()) == keys
+    assert all(a is b for a, b in zip(synced.parameters(), params, strict=True))
+
+
 def test_distillation_set_keeps_proposals_at_or_above_min_objectness():
     class Cache:
         def get(self, image_id):

@@ -15,9 +15,9 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.models.detection.transform import resize_boxes
 
 from detectors import build_detector, load_student
+from detectors.augment import hflip_target
 from detectors.inference import evaluate_detector
 from detectors.predictor import DetectorStudent
-from detectors.vild import hflip_target
 from distill.config import DetectorConfig, LossConfig
 from distill.data.coco import CocoDetection
 from distill.export import Vocabulary, write_student

@@ -178,7 +178,7 @@ def test_coco_ov_config_builds_an_r50_fpn_student_that_predicts(native, tmp_path
     model = MODELS.build(cfg.model).eval()
     assert type(model.backbone).__name__ == "ResNet" and model.backbone.depth == 50
     head = model.roi_head.bbox_head
-    assert head.temperature == 0.01 and head.head.fc6.out_features == 1024
+    assert head.temperature == 0.01 and head.head.trunk[1].out_features == 1024
     image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
     meta = dict(img_shape=(64, 96), ori_shape=(64, 96), scale_factor=(1.0, 1.0))
     data = model.data_preprocessor({"inputs": [image],

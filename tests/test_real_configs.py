@@ -117,6 +117,10 @@ def test_coco_ov_configs_one_iteration_each(datasets, tmp_path, capsys):
     assert cfg.train.optim.lr == pytest.approx(0.32 * 16 / 256)
     assert cfg.train.max_iters == 180000 * 256 // 16
     metrics = _detector_steps("coco_ov", tmp_path)
+    run = load_config(tmp_path / "outputs/coco_ov/vild/config.yaml")  # what trained
+    assert run.data.scale_jitter == [0.1, 2.0]  # ViLD's recipe parts were active
+    assert (run.model.norm, run.model.fpn_norm, run.model.head_convs, run.model.head_norm,
+            run.model.head_fcs, run.model.backbone_weights) == ("bn", "bn", 4, "bn", 1, None)
     for m in metrics.values():
         assert {"AP50_novel", "AP50_base", "AP50_all"} <= set(m)
         assert all(0.0 <= m[k] <= 1.0 or m[k] == -1.0 for k in ("AP50_novel", "AP50_base"))
@@ -131,6 +135,29 @@ def test_lvis_configs_one_iteration_each(datasets, tmp_path):
         assert {"AP", "APr", "APc", "APf", "mask_AP", "mask_APr"} <= set(m)
     ev = json.loads((tmp_path / "outputs/lvis/vild/eval/metrics.json").read_text())
     assert "APr" in ev["bbox"] and "APr" in ev["segm"]
+
+
+def test_the_short_schedule_trains_from_an_imagenet_resnet50_file(datasets, tmp_path):
+    """configs/vild_r50_short.yaml after the config: the ResNet-50 starts from the file."""
+    import torch
+    import torchvision
+    from safetensors.torch import load_file
+
+    assert make_ov_coco.main([]) == 0
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    out = tmp_path / "short"
+    cfg = load_config(REPO / "configs/coco_ov/vild_text.yaml",
+                      [str(REPO / "configs/vild_r50_short.yaml"), *TINY, *ONE_STEP, *DETECTOR,
+                       f"model.backbone_weights={weights}", f"output_dir={out}"])
+    detection.train(cfg, progress=False)
+    trained = load_file(out / "model_final.safetensors")
+    start = torch.load(weights, weights_only=True)
+    # the stem is frozen with ImageNet weights: it ends as the file gave it
+    assert torch.equal(trained["backbone.body.conv1.weight"], start["conv1.weight"])
+    assert not torch.equal(trained["backbone.body.layer4.0.conv1.weight"],
+                           start["layer4.0.conv1.weight"])
 
 
 @pytest.mark.parametrize("name", ["maskclip_plus", "teacher"])
@@ -167,7 +194,7 @@ def test_benchmark_pipeline_is_one_command(datasets, tmp_path, capsys, bench, ma
     assert make.main([]) == 0
     out = tmp_path / "outputs" / bench
     assert pipeline.main(["--config", str(REPO / f"configs/{bench}/pipeline.yaml"), "--no-progress",
-                          *TINY, *ONE_STEP, *DETECTOR, f"output_dir={out}",
+                          "--with-teacher", *TINY, *ONE_STEP, *DETECTOR, f"output_dir={out}",
                           f"cache.root={tmp_path / 'cache'}", "pipeline.pictures=1"]) == 0
     text = capsys.readouterr().out
     summary = json.loads((out / "pipeline.json").read_text())
@@ -184,4 +211,9 @@ def test_benchmark_pipeline_is_one_command(datasets, tmp_path, capsys, bench, ma
         load_config(out / "config.yaml")).categories if c.get("split") == "novel"}
     assert tagged <= held
     assert (out / "export" / "model.safetensors").is_file() and (out / "report.md").is_file()
-    assert {"vild_text", "vild"} == set(summary["students"])
+    # ViLD's "CLIP on cropped regions" baseline ran too (--with-teacher), on its own 300
+    # proposals per image (the test's students score 20)
+    assert {"vild_text", "vild", "teacher"} == set(summary["students"])
+    teacher = json.loads((Path(summary["students"]["vild_text"]["run"]) /
+                          "teacher_on_300_proposals" / "summary.json").read_text())
+    assert {"coco_ov": "AP50_novel", "lvis": "APr"}[bench] in teacher

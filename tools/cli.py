@@ -23,7 +23,8 @@ def config_parser(description: str, default_config: str) -> argparse.ArgumentPar
                    help=f"YAML experiment file (default: {default_config})")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. train.max_iters=100")
+                   help="config overrides in order, e.g. train.max_iters=100, or YAML files "
+                        "of overrides, e.g. configs/vild_r50_short.yaml")
     return p
 
 
