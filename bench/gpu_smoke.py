@@ -4,7 +4,8 @@
     python bench/gpu_smoke.py --tiny          # the same code at toy sizes on the CPU
 
 For COCO-OV ViLD (``configs/coco_ov/vild.yaml``), LVIS ViLD (``configs/lvis/vild.yaml``) and
-the ADE20k MaskCLIP+ segmenter (``configs/ade20k/maskclip_plus.yaml``), at the config's own
+the MaskCLIP+ segmenters of ADE20k and PASCAL Context-59
+(``configs/{ade20k,pascal_context}/maskclip_plus.yaml``), at the config's own
 input size and batch, with randomly initialised teacher and student (nothing is downloaded)
 and random pictures: ``--steps`` training steps through the engine (the batch moved to the
 device, the model in DistributedDataParallel: a process group of one is made when the
@@ -44,14 +45,16 @@ from segmentors.inference import segment_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"coco_ov": "configs/coco_ov/vild.yaml", "lvis": "configs/lvis/vild.yaml",
-           "ade20k": "configs/ade20k/maskclip_plus.yaml"}
-CLASSES = {"coco_ov": 48, "lvis": 866, "ade20k": 150}  # training vocabulary sizes
+           "ade20k": "configs/ade20k/maskclip_plus.yaml",
+           "pascal_context": "configs/pascal_context/maskclip_plus.yaml"}
+CLASSES = {"coco_ov": 48, "lvis": 866, "ade20k": 150,
+           "pascal_context": 59}  # training vocabulary sizes
 TEACHER_TINY = [f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
                 "teacher.model=tiny_vit", "teacher.dense_short_side=0"]
 TINY = {"detection": ["model.name=vild_r10_fpn", "model.norm=gn", "model.image_size=128",
                       "model.hidden=32", "model.box_batch_size_per_image=32",
                       "model.rpn_post_nms_top_n_test=50", "cache.num_proposals=16"],
-        "segmentation": ["seg.name=seg_r10_fpn", "seg.short_side=96", "seg.crop_size=96",
+        "segmentation": ["seg.name=seg_r10_fpn", "seg.norm=gn", "seg.short_side=96", "seg.crop_size=96",
                          "seg.window=96", "seg.stride=64"]}
 
 
@@ -119,11 +122,13 @@ def _seconds_per_iter(out: Path) -> float:
 
 def run(bench: str, device: str, steps: int, images: int, tiny: bool) -> dict:
     """One config: ``steps`` training steps and ``images`` inference pictures; the figures."""
-    task = "segmentation" if bench == "ade20k" else "detection"
+    task = "segmentation" if bench in ("ade20k", "pascal_context") else "detection"
     overrides = ["teacher.pretrained=null", f"teacher.device={device}", f"train.device={device}",
                  f"train.max_iters={steps}", "train.log_period=1",
                  f"train.checkpoint_period={steps}", "train.keep_checkpoints=1",
-                 "train.schedule.warmup_iters=0"]
+                 "train.schedule.warmup_iters=0",
+                 # random student weights too: no ImageNet file needed
+                 "model.backbone_weights=null", "seg.backbone_weights=null"]
     if engine.resolve_device(device).type != "cuda":
         overrides.append("train.amp=false")  # the configs' bf16 autocast is for CUDA
     if tiny:

@@ -65,6 +65,46 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
                            norm_layer=norm_layer(fpn_norm, f"{section}.fpn_norm", frozen=False))
 
 
+class ASPP(nn.Module):
+    """DeepLabv2's atrous spatial pyramid pooling: parallel 3 x 3 convolutions at ``rates``
+    over one map, summed (``out_channels`` outputs)."""
+
+    def __init__(self, in_channels: int, out_channels: int, rates=(6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, out_channels, 3, padding=r,
+                                                dilation=r) for r in rates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(branch(x) for branch in self.branches)
+
+
+class DeepLabV2(nn.Module):
+    """DeepLabv2 (Chen et al. 2017) as a backbone: a torchvision ResNet-``depth`` whose layers
+    3 and 4 are dilated (output stride 8), then :class:`ASPP` on layer 4; ``forward`` gives
+    ``{"0": (B, out_channels, H/8, W/8)}``. ``weights``: a torchvision ResNet state_dict
+    (mmseg's deep-stem V1c weights do not fit torchvision's stem), loaded safely."""
+
+    def __init__(self, depth: int = 101, out_channels: int = 512, norm: str = "bn",
+                 weights: str | None = None, section: str = "seg"):
+        super().__init__()
+        if norm == "frozen_bn" and weights is None:
+            raise ValueError(f"{section}.norm: frozen_bn with no {section}.backbone_weights "
+                             f"would train a random ResNet whose norms are fixed identities")
+        body = getattr(resnet, f"resnet{depth}")(
+            weights=None, replace_stride_with_dilation=[False, True, True],
+            norm_layer=norm_layer(norm, f"{section}.norm"))
+        if weights is not None:
+            _load_body(body, Path(weights))
+        del body.fc, body.avgpool
+        self.body, self.aspp, self.out_channels = body, ASPP(2048, out_channels), out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = self.body
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        return {"0": self.aspp(x)}
+
+
 def _load_body(body: nn.Module, path: Path) -> None:
     """Load ``path`` into the ResNet ``body``; every backbone tensor must be there (the
     classifier ``fc`` may be absent or extra), or ValueError names the missing ones."""

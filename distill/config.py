@@ -57,10 +57,10 @@ class DataConfig:
     Unset paths mean the embedded synthetic world of the ``world`` section;
     ``benchmark`` names a real one under ``$OVD_DATASETS`` (distill/data/roots.py):
     ``coco_ov`` (OV-COCO train / val files), ``lvis`` (LVIS v1 train without rare
-    annotations / val) for detectors, ``ade20k`` for segmenters.
+    annotations / val) for detectors, ``ade20k`` and ``pascal_context_59`` for segmenters.
     """
 
-    benchmark: str | None = None  # coco_ov | lvis | ade20k
+    benchmark: str | None = None  # coco_ov | lvis | ade20k | pascal_context_59
     train_instances: str | None = None
     train_images: str | None = None
     val_instances: str | None = None
@@ -194,6 +194,14 @@ class SegmenterConfig:
     # all: every pixel, argmax over every name (annotation-free MaskCLIP+); unlabeled: only
     # pixels without a base label, argmax over the novel names (transductive zero-shot)
     pseudo_label_scope: str = "all"
+    # MaskCLIP+'s: "bilinear" upsamples the teacher's logits to the label resolution, takes
+    # the argmax there and the loss at that resolution (the student's logits upsampled too);
+    # "nearest" resizes the argmax of the teacher's coarse grid to the student's (1/8)
+    pseudo_label_upsample: str = "nearest"
+    pixel_distill_reduction: str = "sum"  # the L1 over D: sum (ViLD's) | mean (MaskCLIP+'s)
+    # leave the crop's padding out of pixel_distill and pseudo_label (MaskCLIP+: 255 there);
+    # the supervised loss ignores it always (its labels are 255)
+    ignore_padding: bool = False
     # views (segmentors/inference.py); ADE20k as mmsegmentation: 512, 512, 0.5-2, 512 / 341
     short_side: int = 0  # resize the short side to this for training and inference; 0: as is
     crop_size: int = 0  # training: random square crop, padded with ignore; 0: whole image

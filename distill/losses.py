@@ -29,7 +29,8 @@ Segmenters (B images; student maps h x w, teacher maps and labels H x W; MaskCLI
 
 - ``pixel_embeddings`` (B, D, h, w) L2-normalised student pixel embeddings
 - ``dense_targets`` (B, D, H, W) teacher dense embeddings (resized and normalised in the loss)
-- ``dense_valid`` (optional) (B, H, W) bool, pixels to distil (False: padding)
+- ``dense_valid`` (optional) (B, H, W) bool, the image's pixels (False: padding), the only
+  ones the pixel distillation and the pseudo-labels use
 - ``pixel_logits`` (B, C, h, w) student per-pixel text logits
 - ``teacher_pixel_logits`` (B, C, H, W) teacher dense text logits (pseudo-labels)
 - ``seg_labels`` (B, H, W) int64 ground truth, 255 = ignore
@@ -181,18 +182,22 @@ def _check_ignore_index(ignore_index: int, num_classes: int) -> None:
 
 
 def pixel_distill_loss(
-    student: Tensor, teacher: Tensor, mode: str = "l1", valid: Tensor | None = None
+    student: Tensor, teacher: Tensor, mode: str = "l1", valid: Tensor | None = None,
+    reduction: str = "sum",
 ) -> Tensor:
     """Dense distillation (MaskCLIP+): student pixel embeddings against the teacher's.
 
     student (B, D, h, w) L2-normalised; teacher (B, D, H, W), detached, resized to (h, w)
-    (bilinear, align_corners=False) then L2-normalised along D. mode "l1": L1 summed over
-    D (as :func:`vild_image_loss`); "cosine": 1 - cosine similarity. Mean over pixels;
+    (bilinear, align_corners=False) then L2-normalised along D. mode "l1": L1 over D,
+    ``reduction`` "sum" (as :func:`vild_image_loss`) or "mean" (MaskCLIP+'s distillation
+    variant, D times weaker); "cosine": 1 - cosine similarity. Mean over pixels;
     valid (B, H', W') bool (resized to (h, w), nearest) keeps only its True pixels.
     No valid pixel gives 0.
     """
     if mode not in ("l1", "cosine"):
         raise ValueError(f"mode must be 'l1' or 'cosine', got {mode!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if student.dim() != 4 or teacher.dim() != 4 or student.shape[:2] != teacher.shape[:2]:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
                          "must be (B, D, h, w) and (B, D, H, W)")
@@ -204,7 +209,8 @@ def pixel_distill_loss(
         target = F.interpolate(target, size=size, mode="bilinear", align_corners=False)
     target = F.normalize(target, dim=1)
     if mode == "l1":
-        dist = (student - target).abs().sum(dim=1)
+        dist = (student - target).abs()
+        dist = dist.sum(dim=1) if reduction == "sum" else dist.mean(dim=1)
     else:
         dist = 1.0 - F.cosine_similarity(student, target, dim=1)
     if valid is None:
@@ -224,15 +230,23 @@ def pseudo_label_loss(
     ignore_index: int = 255,
     classes: Sequence[int] | None = None,
     unlabeled: Tensor | None = None,
+    label_size: tuple[int, int] | None = None,
 ) -> Tensor:
     """MaskCLIP+ pseudo-label cross-entropy.
 
-    teacher_logits (B, C, H, W), detached: labels = argmax over C at (H, W) (over the
-    class indices ``classes`` only, when given); pixels whose max softmax probability
-    (over the same classes) is below ``threshold`` get ``ignore_index``; the label map
-    is resized to the student's (h, w) with nearest. ``unlabeled`` (B, H', W') bool, any
-    resolution (nearest to (h, w)), keeps pseudo-labels only where it is true: the
-    transductive zero-shot recipe (ZS5Net, MaskCLIP+'s zero-shot setting) gives the
+    teacher_logits (B, C, H, W), detached: labels = argmax over C (over the class indices
+    ``classes`` only, when given); pixels whose max softmax probability (over the same
+    classes) is below ``threshold`` get ``ignore_index``.
+
+    - ``label_size`` None: the argmax at the teacher's (H, W), the label map resized to the
+      student's (h, w) with nearest, the loss there.
+    - ``label_size`` (H', W') (MaskCLIP+): the teacher's logits upsampled bilinearly
+      (align_corners=False) to it, the argmax there, and the student's logits upsampled
+      bilinearly to it too: the loss at label resolution.
+
+    ``unlabeled`` (B, H', W') bool, any resolution (nearest to the loss's), keeps
+    pseudo-labels only where it is true: the image's pixels (padding left out), or the
+    transductive zero-shot recipe (ZS5Net, MaskCLIP+'s zero-shot setting), which gives the
     pixels without a base-class label the teacher's best novel class. student_logits
     (B, C, h, w); mean cross-entropy over the labelled pixels. No labelled pixel gives 0.
     """
@@ -241,9 +255,16 @@ def pseudo_label_loss(
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must be (B, C, h, w) and (B, C, H, W)")
     _check_ignore_index(ignore_index, student_logits.shape[1])
+    if label_size is not None:
+        size = (int(label_size[0]), int(label_size[1]))
+        if tuple(student_logits.shape[-2:]) != size:
+            student_logits = F.interpolate(student_logits, size=size, mode="bilinear",
+                                           align_corners=False)
     size = (student_logits.shape[-2], student_logits.shape[-1])
     with torch.no_grad():
         t = teacher_logits.detach().float()
+        if label_size is not None and tuple(t.shape[-2:]) != size:
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
         index = None
         if classes is not None:
             index = torch.as_tensor(classes, dtype=torch.long, device=t.device).reshape(-1)
@@ -400,8 +421,10 @@ class Criterion(nn.Module):
     ``mask_logits`` (a student without one trains as before). In training mode with
     ``region_word`` on, ``distill_targets`` are pushed into the negative queue after the
     loss is computed (MoCo order).
-    ``pixel_distill_mode`` ("l1" | "cosine") and ``pseudo_label_threshold`` are passed to
-    :func:`pixel_distill_loss` and :func:`pseudo_label_loss`. ``pseudo_label_scope``
+    ``pixel_distill_mode`` ("l1" | "cosine"), ``pixel_distill_reduction`` ("sum" | "mean" over
+    D) and ``pseudo_label_threshold`` are passed to :func:`pixel_distill_loss` and
+    :func:`pseudo_label_loss`; ``pseudo_label_upsample`` "bilinear" takes the pseudo-labels and
+    the loss at the labels' resolution (MaskCLIP+), "nearest" at the student's. ``pseudo_label_scope``
     "all" pseudo-labels every pixel over every class (MaskCLIP+ without annotations);
     "unlabeled" only the pixels whose ``seg_labels`` are 255 or in ``novel_ids``, over the
     ``novel_ids`` classes (transductive zero-shot: base pixels keep their labels).
@@ -415,6 +438,8 @@ class Criterion(nn.Module):
         pixel_distill_mode: str = "l1",
         pseudo_label_threshold: float | None = None,
         pseudo_label_scope: str = "all",
+        pseudo_label_upsample: str = "nearest",
+        pixel_distill_reduction: str = "sum",
     ) -> None:
         super().__init__()
         known = {**DEFAULT_WEIGHTS, **SEG_WEIGHTS}
@@ -429,8 +454,16 @@ class Criterion(nn.Module):
         if pseudo_label_scope not in ("all", "unlabeled"):
             raise ValueError(f"pseudo_label_scope must be 'all' or 'unlabeled', "
                              f"got {pseudo_label_scope!r}")
+        if pseudo_label_upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"pseudo_label_upsample must be 'nearest' or 'bilinear', "
+                             f"got {pseudo_label_upsample!r}")
+        if pixel_distill_reduction not in ("sum", "mean"):
+            raise ValueError(f"pixel_distill_reduction must be 'sum' or 'mean', "
+                             f"got {pixel_distill_reduction!r}")
         self.pseudo_label_threshold = pseudo_label_threshold
         self.pseudo_label_scope = pseudo_label_scope
+        self.pseudo_label_upsample = pseudo_label_upsample
+        self.pixel_distill_reduction = pixel_distill_reduction
         self.queue = EmbeddingQueue(queue_size)
 
     def _require(self, outputs: dict, name: str) -> None:
@@ -466,20 +499,31 @@ class Criterion(nn.Module):
                                     queue, self.region_word_temperature)
         if name == "pixel_distill":
             return pixel_distill_loss(o["pixel_embeddings"], o["dense_targets"],
-                                      self.pixel_distill_mode, o.get("dense_valid"))
+                                      self.pixel_distill_mode, o.get("dense_valid"),
+                                      self.pixel_distill_reduction)
         if name == "pseudo_label":
+            valid = o.get("dense_valid")
+            label_size = None
+            if self.pseudo_label_upsample == "bilinear":
+                if "seg_labels" not in o:
+                    raise MissingOutputError("pseudo_label_upsample 'bilinear' needs "
+                                             "'seg_labels' (the label resolution)")
+                label_size = tuple(o["seg_labels"].shape[-2:])
             if self.pseudo_label_scope == "all":
                 return pseudo_label_loss(o["pixel_logits"], o["teacher_pixel_logits"],
-                                         self.pseudo_label_threshold)
+                                         self.pseudo_label_threshold, unlabeled=valid,
+                                         label_size=label_size)
             if "seg_labels" not in o or not len(o.get("novel_ids", ())):
                 raise MissingOutputError("pseudo_label_scope 'unlabeled' needs outputs "
                                          "'seg_labels' and a non-empty 'novel_ids'")
             labels, novel = o["seg_labels"], o["novel_ids"]
             unlabeled = (labels == 255) | torch.isin(
                 labels, torch.as_tensor(novel, dtype=labels.dtype, device=labels.device))
+            if valid is not None:
+                unlabeled = unlabeled & valid.to(device=labels.device, dtype=torch.bool)
             return pseudo_label_loss(o["pixel_logits"], o["teacher_pixel_logits"],
                                      self.pseudo_label_threshold, classes=novel,
-                                     unlabeled=unlabeled)
+                                     unlabeled=unlabeled, label_size=label_size)
         if name == "supervised_seg":
             return supervised_seg_loss(o["pixel_logits"], o["seg_labels"], o.get("novel_ids", ()))
         return o["rpn_losses"][f"loss_{name}"]

@@ -10,7 +10,7 @@ import difflib
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from distill.backbones import resnet_fpn
+from distill.backbones import DeepLabV2, resnet_fpn
 from segmentors.clip_trunk import ClipResNetTrunk
 from segmentors.model import PixelEmbeddingSegmenter
 
@@ -65,8 +65,18 @@ def seg_clip_rn_fpn(embed_dim: int, *, trunk_layers: list[int], trunk_width: int
                                    image_std=image_std)
 
 
+def seg_deeplabv2_r101(embed_dim: int, *, fpn_channels: int = 512, norm: str = "bn",
+                       temperature: float = 0.05,
+                       backbone_weights: str | None = None) -> PixelEmbeddingSegmenter:
+    """MaskCLIP+'s student: DeepLabv2 on a dilated ResNet-101 (output stride 8, ASPP with
+    rates 6-24 to ``fpn_channels``), then the embedding head; ImageNet weights from a local
+    torchvision ResNet-101 state_dict (MaskCLIP+ uses mmseg's ResNet-101-V1c)."""
+    return PixelEmbeddingSegmenter(DeepLabV2(101, fpn_channels, norm, backbone_weights),
+                                   embed_dim, temperature)
+
+
 BUILDERS = {"seg_r10_fpn": seg_r10_fpn, "seg_r18_fpn": seg_r18_fpn, "seg_r50_fpn": seg_r50_fpn,
-            "seg_clip_rn_fpn": seg_clip_rn_fpn}
+            "seg_clip_rn_fpn": seg_clip_rn_fpn, "seg_deeplabv2_r101": seg_deeplabv2_r101}
 
 
 def build_segmenter(name: str, **kwargs) -> PixelEmbeddingSegmenter:

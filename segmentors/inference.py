@@ -95,24 +95,31 @@ def random_resize_crop(sample: dict, short_side: int, crop: int,
                        generator: torch.Generator | None = None) -> dict:
     """Training view of ``{"image" (3, H, W) uint8, "labels" (H, W) int64}``: short side to
     ``short_side`` x U(scale_range) (0: keep), then a random ``crop``-square window (0: none),
-    padded with 0 (image) and ``IGNORE`` (labels) where the image is smaller. Draws from
-    ``generator`` (the engine's per-sample one), else the global torch RNG."""
+    padded with 0 (image) and ``IGNORE`` (labels) where the image is smaller; ``valid``
+    (H, W) bool marks the image's pixels (False on that padding). Draws from ``generator``
+    (the engine's per-sample one), else the global torch RNG."""
     image, labels = sample["image"], sample["labels"]
+    valid = torch.ones(labels.shape, dtype=torch.bool)
     if short_side > 0:
         lo, hi = scale_range
         s = lo + (hi - lo) * float(torch.rand((), generator=generator))
         size = short_side_size(*image.shape[-2:], round(short_side * s))
         image = resize_image(image, size)
         labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        valid = torch.ones(labels.shape, dtype=torch.bool)
     if crop > 0:
         h, w = image.shape[-2:]
-        image = F.pad(image, (0, max(0, crop - w), 0, max(0, crop - h)))
-        labels = F.pad(labels, (0, max(0, crop - w), 0, max(0, crop - h)), value=IGNORE)
+        pad = (0, max(0, crop - w), 0, max(0, crop - h))
+        image = F.pad(image, pad)
+        labels = F.pad(labels, pad, value=IGNORE)
+        valid = F.pad(valid, pad, value=False)
         h, w = image.shape[-2:]
         y = int(torch.randint(0, h - crop + 1, (), generator=generator))
         x = int(torch.randint(0, w - crop + 1, (), generator=generator))
         image, labels = image[:, y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop]
-    return {**sample, "image": image.contiguous(), "labels": labels.contiguous()}
+        valid = valid[y:y + crop, x:x + crop]
+    return {**sample, "image": image.contiguous(), "labels": labels.contiguous(),
+            "valid": valid.contiguous()}
 
 
 def same_size_batches(data, batch_size: int):

@@ -28,6 +28,7 @@ from distill.data.semantic import (
     SemanticDataset,
     ade20k,
     collate_semantic,
+    pascal_context,
     synthetic_semantic,
 )
 from distill.engine import final_weights, init_distributed, load_weights, resolve_device, seed_all
@@ -46,7 +47,7 @@ OVERLAYS = 6  # val images drawn with their predictions
 
 def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
     """(train, val): ADE20k under ``seg.data_root`` (or the datasets root with
-    ``data.benchmark: ade20k``); label maps painted from the instance masks of COCO-format
+    ``data.benchmark: ade20k``), PASCAL Context-59 (``data.benchmark: pascal_context_59``); label maps painted from the instance masks of COCO-format
     files (``data.train_instances`` ...; the val classes, novel by ``data.novel`` or the
     files' tags); else the synthetic world."""
     if cfg.seg.data_root is None and cfg.data.benchmark is None and \
@@ -56,11 +57,14 @@ def datasets(cfg: ExperimentConfig) -> tuple[SemanticDataset, SemanticDataset]:
                 InstanceSemantic(val, val.names, val.novel))
     root = cfg.seg.data_root
     if root is None and cfg.data.benchmark is not None:
-        from distill.data.roots import ade20k_root
+        from distill.data.roots import ade20k_root, pascal_context_root
 
+        if cfg.data.benchmark == "pascal_context_59":
+            root = pascal_context_root()
+            return pascal_context(root, "train"), pascal_context(root, "val")
         if cfg.data.benchmark != "ade20k":
             raise ConfigError(f"data.benchmark: {cfg.data.benchmark!r} is a detection benchmark;"
-                              " segmenters train on 'ade20k'")
+                              " segmenters train on 'ade20k' or 'pascal_context_59'")
         root = ade20k_root()
     if root:
         return ade20k(root, "training"), ade20k(root, "validation")
@@ -114,10 +118,13 @@ def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor,
 def training_targets(batch: dict, teacher: Teacher | None, text: torch.Tensor, seg,
                      novel_ids=()) -> dict:
     """The criterion's targets for a training ``batch`` (``images`` (B, 3, H, W), ``labels``
-    (B, H, W), optionally cached ``dense`` maps): the labels and, with a ``teacher``, its dense
+    (B, H, W), optionally cached ``dense`` maps and the crop's ``valid`` pixels): the labels,
+    the valid pixels with ``seg.ignore_padding`` and, with a ``teacher``, its dense
     embeddings and text logits over ``text`` (C, D) (``seg``'s key smoothing and prompt
     denoising), computed on the teacher's device and returned on the batch's."""
     targets = {"seg_labels": batch["labels"], "novel_ids": novel_ids}
+    if seg.ignore_padding and "valid" in batch:
+        targets["dense_valid"] = batch["valid"]
     if teacher is not None:
         dense, logits = teacher_logits(teacher, batch["images"], text, seg.key_smoothing,
                                        seg.prompt_denoising, batch.get("dense"))
@@ -131,13 +138,14 @@ def build_criterion(seg) -> Criterion:
     detection loss off) and their settings."""
     weights = {**{k: 0.0 for k in DEFAULT_WEIGHTS}, "supervised_seg": seg.supervised,
                "pixel_distill": seg.pixel_distill, "pseudo_label": seg.pseudo_label}
-    criterion = Criterion(weights, pixel_distill_mode=seg.pixel_distill_mode,
-                          pseudo_label_threshold=seg.pseudo_label_threshold,
-                          pseudo_label_scope=seg.pseudo_label_scope)
-    if seg.pseudo_label_scope not in ("all", "unlabeled"):
-        raise ConfigError(f"seg.pseudo_label_scope must be all or unlabeled, "
-                          f"got {seg.pseudo_label_scope!r}")
-    return criterion
+    try:
+        return Criterion(weights, pixel_distill_mode=seg.pixel_distill_mode,
+                         pseudo_label_threshold=seg.pseudo_label_threshold,
+                         pseudo_label_scope=seg.pseudo_label_scope,
+                         pseudo_label_upsample=seg.pseudo_label_upsample,
+                         pixel_distill_reduction=seg.pixel_distill_reduction)
+    except ValueError as e:
+        raise ConfigError(f"seg.{e}") from None
 
 
 def training_step(criterion, teacher: Teacher | None, text: torch.Tensor, seg, novel_ids=()):
@@ -197,7 +205,8 @@ class TrainView(torch.utils.data.Dataset):
         if self.dense_of is not None:
             s["dense"] = self.dense_of(s["file_name"])
         if torch.rand((), generator=generator) < 0.5:
-            s = {**s, **{k: s[k].flip(-1) for k in ("image", "labels", "dense") if k in s}}
+            s = {**s, **{k: s[k].flip(-1) for k in ("image", "labels", "valid", "dense")
+                         if k in s}}
         return s
 
 

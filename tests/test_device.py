@@ -297,7 +297,8 @@ def test_gpu_smoke_bench_runs_every_real_config_at_toy_sizes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["config"] for r in rows] == ["configs/coco_ov/vild.yaml", "configs/lvis/vild.yaml",
-                                           "configs/ade20k/maskclip_plus.yaml"]
+                                           "configs/ade20k/maskclip_plus.yaml",
+                                           "configs/pascal_context/maskclip_plus.yaml"]
     for r in rows:
         assert r["ddp"] and r["device"] == "cpu" and r["batch"] == 2
         assert r["s_per_iter"] > 0 and r["images_per_s"] > 0 and r["peak_memory_gib"] > 0

@@ -4,7 +4,7 @@ resolved config of configs/coco_ov and configs/lvis, so that drift fails here.
 
 Reference config: tensorflow/tpu models/official/detection/projects/vild/configs/
 vild_resnet.yaml ("vild_resnet.yaml" below). The schedule is scaled linearly to the configs'
-total batch of 16 images (docs/reproduce.md section 4), so it is pinned through that rule.
+total batch of 16 images (docs/reproduce.md section 5), so it is pinned through that rule.
 The teacher-on-proposals baseline keeps 300 proposals per image (``pipeline.teacher_proposals``,
 stated in docs/reproduce.md), not ViLD's students' 1000. The ``short`` schedule
 (configs/vild_r50_short.yaml, a file of overrides) departs from the paper on purpose: its
@@ -113,3 +113,47 @@ def test_the_short_schedule_keeps_vilds_recipe_but_its_length_and_initialisation
         for key, want, _ in PINS:
             if key not in ("model.backbone_weights", "train.max_iters", "train.schedule.steps"):
                 assert resolved(config, key, (str(short),)) == pytest.approx(want), (config, key)
+
+
+# MaskCLIP+'s annotation-free recipe (chongzhou96/MaskCLIP's maskclip_plus anno_free configs,
+# as issue 21 and DESIGN.md state it) -> configs/{ade20k,pascal_context}/maskclip_plus.yaml;
+# the ResNet-101's weights are torchvision's, not mmseg's V1c (docs/reproduce.md section 6)
+MASKCLIP_PLUS = [
+    ("seg.name", "seg_deeplabv2_r101", "MaskCLIP+: DeepLabv2 on ResNet-101"),
+    ("seg.norm", "bn", "mmseg's trainable SyncBN"),
+    ("seg.supervised", 0.0, "annotation-free: no ADE20k label"),
+    ("seg.pseudo_label", 1.0, "MaskCLIP+: pseudo-labels"),
+    ("seg.pixel_distill", 0.0, "MaskCLIP+'s main recipe: pseudo-labels alone"),
+    ("seg.pixel_distill_reduction", "mean", "its distillation variant: mean L1 over D"),
+    ("seg.pseudo_label_upsample", "bilinear",
+     "MaskCLIP+: teacher logits upsampled bilinearly to the label resolution, then argmax"),
+    ("seg.ignore_padding", True, "mmseg: padding is 255 (ignored) in every loss"),
+    ("seg.key_smoothing", 1.0, "MaskCLIP configs: key smoothing 1.0"),
+    ("seg.prompt_denoising", 0.5, "MaskCLIP configs: prompt denoising 0.5"),
+    ("train.optim.name", "sgd", "MaskCLIP+: SGD"),
+    ("train.optim.lr", 0.01, "MaskCLIP+: lr 0.01"),
+    ("train.schedule.name", "poly", "MaskCLIP+: poly decay (mmseg's power 0.9)"),
+    ("train.schedule.power", 0.9, "mmseg's poly power"),
+    ("train.batch_size", 4, "4 per GPU on 4 GPUs"),
+]
+PER_DATASET = {
+    "ade20k": [("seg.crop_size", 512, "ADE20k: 512 x 512 crops"),
+               ("seg.window", 512, "ADE20k: sliding 512 windows"),
+               ("train.max_iters", 8000, "ADE20k: 8k iterations of 16 crops")],
+    "pascal_context": [
+        ("seg.short_side", 520, "..._480x480_4k_pascal_context_59.py: img_scale (520, 520)"),
+        ("seg.crop_size", 480, "..._480x480_4k_pascal_context_59.py: crop_size (480, 480)"),
+        ("seg.scale_range", [0.5, 2.0], "..._pascal_context_59.py: ratio_range (0.5, 2.0)"),
+        ("seg.window", 480, "mmseg's pascal_context_59: slide 480 x 480 ..."),
+        ("seg.stride", 320, "... with stride 320"),
+        ("train.max_iters", 4000, "..._4k_pascal_context_59.py: schedule_4k")],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(PER_DATASET))
+def test_the_maskclip_plus_configs_keep_their_recipe(dataset):
+    config = REPO / "configs" / dataset / "maskclip_plus.yaml"
+    drift = [f"{key}: {resolved(config, key)!r} in the config, MaskCLIP+'s {want!r} ({source})"
+             for key, want, source in [*MASKCLIP_PLUS, *PER_DATASET[dataset]]
+             if resolved(config, key) != pytest.approx(want)]
+    assert not drift, f"{config.relative_to(REPO)}:\n" + "\n".join(drift)

@@ -279,3 +279,78 @@ def test_criterion_segmenter_losses_off_by_default_and_required_keys():
         Criterion({"pixel_distil": 1.0})
     with pytest.raises(ValueError, match="pixel_distill_mode"):
         Criterion(pixel_distill_mode="l2")
+
+
+def test_bilinear_pseudo_labels_at_label_resolution_by_hand():
+    """MaskCLIP+: the teacher's (1 x 2) logits upsampled bilinearly to the labels' 1 x 4 (the
+    sample points fall at -0.25, 0.25, 0.75, 1.25 of the coarse grid, clamped at the ends),
+    the argmax there, and the student's logits upsampled the same way."""
+    teacher = dense((1.0, 0.0), (0.0, 4.0), h=1, w=2)  # class 0 [1, 0], class 1 [0, 4]
+    student = dense((1.0, 0.0), (0.0, 0.0), h=1, w=2, grad=True)
+    # class 0 upsampled: [1, 0.75, 0.25, 0]; class 1: [0, 1, 3, 4] -> labels [0, 1, 1, 1]
+    # (the coarse argmax [0, 1] resized by nearest would give [0, 0, 1, 1])
+    s0 = [1.0, 0.75, 0.25, 0.0]  # the student's class 0; its class 1 is 0 everywhere
+    want = ((-s0[0] + lse(s0[0], 0)) + lse(s0[1], 0) + lse(s0[2], 0) + lse(s0[3], 0)) / 4
+    got = pseudo_label_loss(student, teacher, label_size=(1, 4))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    nearest = pseudo_label_loss(student, teacher)  # today's: the argmax [0, 1] at 1 x 2
+    assert nearest.item() == pytest.approx(((-1 + lse(1, 0)) + lse(0, 0)) / 2, rel=1e-6)
+    crit = Criterion({**DETECTION_OFF, "pseudo_label": 1.0}, pseudo_label_upsample="bilinear")
+    out = crit({"pixel_logits": student, "teacher_pixel_logits": teacher,
+                "seg_labels": torch.full((1, 1, 4), 255)})
+    assert out["loss_pseudo_label"].item() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="pseudo_label_upsample must be 'nearest' or"):
+        Criterion(pseudo_label_upsample="bicubic")
+
+
+def test_the_l1_mean_over_dimensions_is_the_sum_over_d():
+    s, t = dense(*STUDENT, h=2, w=2), dense(*TEACHER, h=2, w=2)
+    total = pixel_distill_loss(s, t)
+    assert pixel_distill_loss(s, t, reduction="mean").item() == pytest.approx(
+        total.item() / s.shape[1], rel=1e-6)
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
+        pixel_distill_loss(s, t, reduction="max")
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_padding_is_ignored_in_every_loss(upsample):
+    """A crop padded at the right and bottom (padding: labels 255, ``dense_valid`` False,
+    anything in the maps) gives every segmenter loss of its unpadded crop."""
+    from segmentors.inference import random_resize_crop
+
+    g = torch.Generator().manual_seed(0)
+    h, w, d, c = 3, 4, 5, 3
+    maps = {"pixel_embeddings": torch.nn.functional.normalize(torch.randn(1, d, h, w,
+                                                                         generator=g), dim=1),
+            "dense_targets": torch.randn(1, d, h, w, generator=g),
+            "pixel_logits": torch.randn(1, c, h, w, generator=g),
+            "teacher_pixel_logits": torch.randn(1, c, h, w, generator=g),
+            "seg_labels": torch.tensor([[[0, 1, 2, 255], [1, 1, 0, 2], [2, 0, 255, 1]]])}
+    crop = random_resize_crop({"image": torch.zeros(3, h, w, dtype=torch.uint8),
+                               "labels": maps["seg_labels"][0]}, 0, 6, generator=g)
+    valid = crop["valid"]  # the crop's own record of its padding
+    assert valid.shape == (6, 6) and int(valid.sum()) == h * w
+    assert bool(valid[:h, :w].all()) and crop["labels"][~valid].eq(255).all()
+    padded = {}
+    for k, v in maps.items():
+        fill = 255 if k == "seg_labels" else 0.0
+        big = torch.full((*v.shape[:-2], 6, 6), fill, dtype=v.dtype)
+        if k != "seg_labels":  # junk in the padding: it must not count
+            big = big + 7 * torch.rand(big.shape, generator=g)
+        big[..., :h, :w] = v
+        padded[k] = big
+    padded["dense_valid"] = valid[None]
+    for mode in ("all", "unlabeled"):
+        crit = Criterion({**DETECTION_OFF, "pixel_distill": 1.0, "pseudo_label": 1.0,
+                          "supervised_seg": 1.0}, pseudo_label_scope=mode,
+                         pseudo_label_upsample=upsample)
+        small = crit({**maps, "novel_ids": (2,)})
+        big = crit({**padded, "novel_ids": (2,)})
+        assert set(small) == set(big) == {"loss_pixel_distill", "loss_pseudo_label",
+                                          "loss_supervised_seg"}
+        for k in small:
+            assert big[k].item() == pytest.approx(small[k].item(), rel=1e-5), (mode, k)
+    # without the valid pixels the padding would count
+    del padded["dense_valid"]
+    assert crit({**padded, "novel_ids": (2,)})["loss_pixel_distill"].item() != pytest.approx(
+        small["loss_pixel_distill"].item(), rel=1e-3)

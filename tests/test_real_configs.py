@@ -83,6 +83,19 @@ def datasets(tmp_path, monkeypatch) -> Path:
             label = ade / "annotations" / split / f"ADE_{split}_{k:08d}.png"
             label.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(label)
+    voc = root / "VOCdevkit" / "VOC2010"  # PASCAL Context-59, mmseg's layout
+    (voc / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    for split, ids in {"train": ["2008_000002", "2008_000003"],
+                       "val": ["2008_000007", "2008_000008"]}.items():
+        for k, stem in enumerate(ids):
+            h, w = 80 + 16 * k, 112
+            _image(voc / "JPEGImages" / f"{stem}.jpg", w, h, 30 + k)
+            label = voc / "SegmentationClassContext" / f"{stem}.png"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 60, (h, w), dtype=np.uint8)).save(label)
+        (voc / "ImageSets" / "SegmentationContext" / f"{split}.txt").write_text(
+            "\n".join(ids) + "\n")
+    _image(voc / "JPEGImages" / "2008_000099.jpg", 64, 64, 40)  # in no split: left out
     return root
 
 
@@ -160,19 +173,45 @@ def test_the_short_schedule_trains_from_an_imagenet_resnet50_file(datasets, tmp_
                            start["layer4.0.conv1.weight"])
 
 
-@pytest.mark.parametrize("name", ["maskclip_plus", "teacher"])
-def test_ade20k_configs_one_iteration_each(datasets, tmp_path, name):
-    cfg = _cfg(f"configs/ade20k/{name}.yaml", tmp_path, f"output_dir={tmp_path / name}",
-               "seg.name=seg_r10_fpn", "seg.fpn_channels=32", "seg.short_side=64",
-               "seg.crop_size=64", "seg.window=64", "seg.stride=48")
+@pytest.fixture(scope="module")
+def resnet101(tmp_path_factory) -> Path:
+    """A torchvision ResNet-101 state_dict file (random weights: the configs' ImageNet file)."""
+    import torch
+    import torchvision
+
+    path = tmp_path_factory.mktemp("weights") / "resnet101.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet101().state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("config", ["ade20k/maskclip_plus", "ade20k/teacher",
+                                    "pascal_context/maskclip_plus", "pascal_context/teacher"])
+def test_segmentation_configs_one_iteration_each(datasets, tmp_path, resnet101, config):
+    """MaskCLIP+'s own student (DeepLabv2-R101 from a torchvision ResNet-101 file) with its
+    loss switches (bilinear pseudo-labels at label resolution, padding ignored), on ADE20k
+    and PASCAL Context-59; the teacher's own segmentation of each."""
+    name = config.split("/")[1]
+    cfg = _cfg(f"configs/{config}.yaml", tmp_path, f"output_dir={tmp_path / name}",
+               f"seg.backbone_weights={resnet101}", "seg.fpn_channels=32", "seg.short_side=64",
+               "seg.crop_size=72", "seg.window=64", "seg.stride=48")
     assert (cfg.seg.key_smoothing, cfg.seg.prompt_denoising) == (1.0, 0.5)
+    if name == "maskclip_plus":
+        assert (cfg.seg.name, cfg.seg.pseudo_label_upsample, cfg.seg.ignore_padding) == (
+            "seg_deeplabv2_r101", "bilinear", True)
     if name == "teacher":
         metrics = segmentation.teacher_baseline(cfg, progress=False)
     else:
         metrics = segmentation.train(cfg, progress=False)
         assert (tmp_path / name / "model_final.safetensors").is_file()
     assert 0.0 <= metrics["mIoU"] <= 1.0
-    assert (tmp_path / name / "eval" / "metrics.json").is_file()
+    ev = json.loads((tmp_path / name / "eval" / "metrics.json").read_text())
+    classes = 150 if config.startswith("ade20k") else 59
+    assert len(segmentation.datasets(cfg)[1].classes) == classes
+    if config.startswith("pascal_context"):  # the split files' ids, not every image
+        assert [Path(p).stem for p, _ in segmentation.datasets(cfg)[0].items] == [
+            "2008_000002", "2008_000003"]
+    assert ev
 
 
 def test_missing_dataset_root_is_one_line(tmp_path, monkeypatch, capsys):
@@ -186,6 +225,12 @@ def test_missing_dataset_root_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert str(tmp_path / "nowhere" / "ADEChallengeData2016") in err and "validation" in err
+    rc = train_seg.main(["--config", str(REPO / "configs/pascal_context/teacher.yaml"), *TINY,
+                         "--teacher-baseline"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert str(tmp_path / "nowhere" / "VOCdevkit/VOC2010") in err
+    assert "SegmentationClassContext" in err
 
 
 @pytest.mark.parametrize("bench, make", [("coco_ov", make_ov_coco), ("lvis", make_ov_lvis)])

@@ -401,3 +401,27 @@ def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_cli
                                           r"\(teacher.model: tiny_vit\); with this teacher "
                                           r"set e.g. seg.name=seg_r10_fpn seg.norm=gn"):
         segmentation.train(vit, progress=False)
+
+
+def test_deeplabv2_r101_student_layout_and_torchvision_weights(tmp_path):
+    """MaskCLIP+'s student: dilated ResNet-101 (output stride 8) + ASPP (rates 6-24, summed),
+    starting from a torchvision ResNet-101 state_dict file."""
+    import torchvision
+
+    from distill.backbones import ASPP
+
+    torch.manual_seed(0)
+    start = torchvision.models.resnet101().state_dict()
+    torch.save(start, tmp_path / "r101.pth")
+    model = build_segmenter("seg_deeplabv2_r101", embed_dim=8, fpn_channels=16,
+                            backbone_weights=str(tmp_path / "r101.pth"))
+    body = model.backbone.body
+    assert torch.equal(body.layer4[0].conv2.weight, start["layer4.0.conv2.weight"])
+    assert (body.layer3[1].conv2.dilation, body.layer4[1].conv2.dilation) == ((2, 2), (4, 4))
+    aspp = model.backbone.aspp
+    assert isinstance(aspp, ASPP) and [b.dilation for b in aspp.branches] == [
+        (6, 6), (12, 12), (18, 18), (24, 24)]
+    assert sum(p.numel() for p in aspp.parameters()) == 4 * (2048 * 16 * 9 + 16)
+    model.set_vocabulary(torch.nn.functional.normalize(torch.randn(3, 8), dim=-1))
+    out = model(torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8))
+    assert out["pixel_logits"].shape == (1, 3, 8, 12)  # stride 8

@@ -230,3 +230,24 @@ def test_overlay_draws_labels_and_leaves_ignore_untouched():
     assert not np.array_equal(palette(2)[0], palette(2)[1]) and palette(3)[0].any()
     with pytest.raises(ValueError, match="differs from the image"):
         overlay(image, labels[:, :10], ["a", "b"])
+
+
+def test_pascal_context_reads_its_split_files_and_names_a_missing_id(tmp_path):
+    from distill.data.semantic import PASCAL_CONTEXT_59_CLASSES, pascal_context
+
+    voc = tmp_path / "VOC2010"
+    for sub in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        (voc / sub).mkdir(parents=True)
+    for stem, value in (("a", 0), ("b", 59), ("c", 7)):
+        Image.new("RGB", (4, 3)).save(voc / "JPEGImages" / f"{stem}.jpg")
+        Image.fromarray(np.full((3, 4), value, np.uint8)).save(
+            voc / "SegmentationClassContext" / f"{stem}.png")
+    (voc / "ImageSets/SegmentationContext/val.txt").write_text("b\na\n")
+    data = pascal_context(voc, "val")
+    assert len(data) == 2 and data.classes == list(PASCAL_CONTEXT_59_CLASSES)
+    assert data[0]["file_name"].endswith("b.jpg")  # the split file's order
+    assert data[0]["labels"].eq(58).all()  # 59 -> class 58, "wood"
+    assert data[1]["labels"].eq(255).all()  # 0 (background) is ignored
+    (voc / "ImageSets/SegmentationContext/train.txt").write_text("a\nzz\n")
+    with pytest.raises(FileNotFoundError, match=r"JPEGImages: no file for id 'zz' of the split"):
+        pascal_context(voc, "train")

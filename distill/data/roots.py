@@ -14,6 +14,8 @@ checkout's datasets are found as they are), else ``./datasets``::
       lvis/lvis_v1_train_ov_base.json                  LVIS-OV train: rare classes' annotations
                                                        removed (base = frequent + common)
       ADEChallengeData2016/{images,annotations}/{training,validation}/   ADE20k-150
+      VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,
+                         ImageSets/SegmentationContext/{train,val}.txt}   PASCAL Context-59
 
 The ``_ov_`` files are written by ``tools/make_ov_coco.py`` (``ovd-make-ov-coco``) and
 ``tools/make_ov_lvis.py`` (``ovd-make-ov-lvis``); their categories carry ``"split":
@@ -38,7 +40,7 @@ import os
 from pathlib import Path
 
 from distill.config import ConfigError
-from distill.data.semantic import ADE20K_SPLITS
+from distill.data.semantic import ADE20K_SPLITS, PASCAL_CONTEXT_SPLITS
 
 ENV_VARS = ("OVD_DATASETS", "DETECTRON2_DATASETS")  # first one set wins
 DEFAULT_ROOT = "datasets"
@@ -59,11 +61,14 @@ LVIS_SPLITS: dict[str, tuple[str, str]] = {
 LVIS_IMAGE_FOLDERS: dict[str, tuple[str, ...]] = {
     "train": ("train2017",), "val": ("train2017", "val2017"), "train_ov": ("train2017",)}
 ADE20K_DIR = "ADEChallengeData2016"
+PASCAL_CONTEXT_DIR = "VOCdevkit/VOC2010"
 
 COCO_LAYOUT = "$OVD_DATASETS/coco/{train2017,val2017,annotations/instances_{train,val}2017.json}"
 LVIS_LAYOUT = ("$OVD_DATASETS/lvis/lvis_v1_{train,val}.json with the COCO 2017 images in "
                "$OVD_DATASETS/coco/{train2017,val2017}")
 ADE20K_LAYOUT = f"$OVD_DATASETS/{ADE20K_DIR}/{{images,annotations}}/{{training,validation}}"
+PASCAL_CONTEXT_LAYOUT = (f"$OVD_DATASETS/{PASCAL_CONTEXT_DIR}/{{JPEGImages,SegmentationClassContext,"
+                         f"ImageSets/SegmentationContext/{{train,val}}.txt}}")
 _OV_HINT = {"coco": "write it with ovd-make-ov-coco (python -m tools.make_ov_coco)",
             "lvis": "write it with ovd-make-ov-lvis (python -m tools.make_ov_lvis)"}
 
@@ -143,6 +148,17 @@ def ade20k_root(check: bool = True) -> Path:
         for sub in ("images", "annotations"):
             for split in ADE20K_SPLITS:
                 require(root / sub / split, ADE20K_LAYOUT)
+    return root
+
+
+def pascal_context_root(check: bool = True) -> Path:
+    """``VOCdevkit/VOC2010/`` under the datasets root; ``check``: its image and label folders
+    and split files must exist (FileNotFoundError otherwise)."""
+    root = datasets_root() / PASCAL_CONTEXT_DIR
+    if check:
+        for sub in ("JPEGImages", "SegmentationClassContext",
+                    *(f"ImageSets/SegmentationContext/{s}.txt" for s in PASCAL_CONTEXT_SPLITS)):
+            require(root / sub, PASCAL_CONTEXT_LAYOUT)
     return root
 
 

@@ -1,13 +1,21 @@
-"""Semantic-segmentation datasets: ADE20k-150 and the synthetic world's label PNGs.
+"""Semantic-segmentation datasets: ADE20k-150, PASCAL Context-59 and the synthetic world's
+label PNGs.
 
-Both are folders of RGB images and uint8 label PNGs with the same stems; labels
+Each is a folder of RGB images and one of uint8 label PNGs with the same stems; labels
 use ``reduce_zero_label`` (0 -> 255 ignore, k -> k - 1), so class ``k`` of the
 ``classes`` list is label ``k``:
 
     ADEChallengeData2016/images/{training,validation}/ADE_*.jpg
     ADEChallengeData2016/annotations/{training,validation}/ADE_*.png   0 = other, 1..150
+    VOCdevkit/VOC2010/JPEGImages/<id>.jpg
+    VOCdevkit/VOC2010/SegmentationClassContext/<id>.png   0 = background, 1..59
+    VOCdevkit/VOC2010/ImageSets/SegmentationContext/{train,val}.txt   the ids of a split
+
+(the Context-59 label maps as mmsegmentation's ``tools/convert_datasets/pascal_context.py``
+writes them from the ``trainval_merged.json`` of the Detail API.)
 
     data = ade20k("datasets/ADEChallengeData2016", "validation")
+    data = pascal_context("datasets/VOCdevkit/VOC2010", "val")
     data = synthetic_semantic(world, "val")         # 16 objects + 4 stuff classes
     s = data[0]   # {"image": (3, H, W) uint8, "labels": (H, W) int64, "file_name": str}
 """
@@ -49,6 +57,19 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
 ADE20K_SPLITS = ("training", "validation")
+
+# PASCAL Context-59 class names, in label order 1..59 (mmsegmentation's list, with
+# "pottedplant" and "tvmonitor" written as words for the text encoder).
+PASCAL_CONTEXT_59_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book",
+    "bottle", "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth",
+    "computer", "cow", "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food",
+    "grass", "ground", "horse", "keyboard", "light", "motorbike", "mountain", "mouse",
+    "person", "plate", "platform", "potted plant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck",
+    "tv monitor", "wall", "water", "window", "wood",
+)
+PASCAL_CONTEXT_SPLITS = ("train", "val")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -62,7 +83,7 @@ class SemanticDataset(torch.utils.data.Dataset):
 
     def __init__(self, image_dir: str | os.PathLike, label_dir: str | os.PathLike,
                  classes: Sequence[str], novel: Sequence[bool] | None = None,
-                 reduce_zero_label: bool = True):
+                 reduce_zero_label: bool = True, stems: Sequence[str] | None = None):
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
         for d in (self.image_dir, self.label_dir):
             if not d.is_dir():
@@ -72,8 +93,15 @@ class SemanticDataset(torch.utils.data.Dataset):
         self.novel = list(novel) if novel is not None else [False] * len(self.classes)
         self.reduce_zero_label = reduce_zero_label
         labels = {p.stem: p for p in self.label_dir.glob("*.png")}
-        self.items = [(p, labels[p.stem]) for p in sorted(self.image_dir.iterdir())
-                      if p.suffix.lower() in _IMAGE_SUFFIXES and p.stem in labels]
+        images = {p.stem: p for p in sorted(self.image_dir.iterdir())
+                  if p.suffix.lower() in _IMAGE_SUFFIXES}
+        if stems is not None:  # a split file's ids: each must have its image and labels
+            for stem in stems:
+                if stem not in images or stem not in labels:
+                    where = self.image_dir if stem not in images else self.label_dir
+                    raise FileNotFoundError(f"{where}: no file for id {stem!r} of the split")
+            images = {stem: images[stem] for stem in stems}
+        self.items = [(p, labels[stem]) for stem, p in images.items() if stem in labels]
         if not self.items:
             raise FileNotFoundError(f"{self.image_dir}: no image with a label PNG of the same "
                                     f"name in {self.label_dir}")
@@ -125,6 +153,27 @@ def ade20k(root: str | os.PathLike, split: str, novel: Sequence[str] = ()) -> Se
                            ADE20K_CLASSES, [c in novel for c in ADE20K_CLASSES])
 
 
+def pascal_context(root: str | os.PathLike, split: str,
+                   novel: Sequence[str] = ()) -> SemanticDataset:
+    """PASCAL Context-59 ``split`` ("train" | "val") of ``root`` (``VOCdevkit/VOC2010/``): the
+    ids of ``ImageSets/SegmentationContext/<split>.txt``, ``JPEGImages`` and the 59-class
+    label maps of ``SegmentationClassContext`` (0, background, ignored)."""
+    if split not in PASCAL_CONTEXT_SPLITS:
+        raise ConfigError(f"PASCAL Context split must be one of {PASCAL_CONTEXT_SPLITS}, "
+                          f"got {split!r}")
+    root = Path(root)
+    ids = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
+    if not ids.is_file():
+        raise FileNotFoundError(f"{ids}: missing (the ids of the {split} split, one per line)")
+    unknown = sorted(set(novel) - set(PASCAL_CONTEXT_59_CLASSES))
+    if unknown:
+        raise ConfigError(f"unknown PASCAL Context-59 class {unknown[0]!r}")
+    stems = [line.strip() for line in ids.read_text().splitlines() if line.strip()]
+    return SemanticDataset(root / "JPEGImages", root / "SegmentationClassContext",
+                           PASCAL_CONTEXT_59_CLASSES,
+                           [c in novel for c in PASCAL_CONTEXT_59_CLASSES], stems=stems)
+
+
 def synthetic_semantic(world, split: str) -> SemanticDataset:
     """The synthetic world's ``split``: object classes then stuff classes (label 0 "other"
     ignored), novel = the world's novel object classes."""
@@ -135,7 +184,8 @@ def synthetic_semantic(world, split: str) -> SemanticDataset:
 
 def collate_semantic(batch: list[dict]) -> dict[str, Any]:
     """Same-size samples -> ``images`` (B, 3, H, W) uint8, ``labels`` (B, H, W) int64 (and
-    ``dense`` (B, D, h, w) when every sample carries a cached teacher map)."""
+    ``valid`` (B, H, W) bool / ``dense`` (B, D, h, w) when every sample carries a crop's
+    valid pixels / a cached teacher map)."""
     shapes = {tuple(b["image"].shape) for b in batch}
     if len(shapes) > 1:
         raise DatasetError(f"a batch mixes image sizes {sorted(shapes)}: set seg.image_size "
@@ -143,6 +193,8 @@ def collate_semantic(batch: list[dict]) -> dict[str, Any]:
     out = {"images": torch.stack([b["image"] for b in batch]),
            "labels": torch.stack([b["labels"] for b in batch]),
            "file_names": [b["file_name"] for b in batch]}
+    if all("valid" in b for b in batch):  # a training crop's image pixels (not padding)
+        out["valid"] = torch.stack([b["valid"] for b in batch])
     if all("dense" in b for b in batch):  # cached teacher dense maps (segmentors/recipe.py)
         out["dense"] = torch.stack([b["dense"] for b in batch])
     return out
