@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -496,3 +497,50 @@ def test_key_smoothing_hand_computed():
     torch.testing.assert_close(out[:, 1], torch.tensor([0.6, 0.4]))
     with pytest.raises(ValueError, match="keys"):
         refine_logits(logits, None, key_smoothing=1.0)
+
+
+def _reference_refine(cos: np.ndarray, keys: np.ndarray, ks: float, pd: float) -> np.ndarray:
+    """MaskCLIP's ``refine_output`` (chongzhou96/MaskCLIP, maskclip_head.py) written out in
+    numpy for one image: ``cos`` (C, N) text-pixel cosines, ``keys`` (K, N). Prompt
+    denoising: a class whose softmax(100 cos) stays below ``pd`` at every location gets
+    -100; key smoothing: the output becomes softmax(100 x) over classes, and a location whose
+    top probability is below ``ks`` takes sum_j cos(k_i, k_j) p_j. Returns that output."""
+    out = cos.copy()
+
+    def softmax(x):
+        e = np.exp(x - x.max(0, keepdims=True))
+        return e / e.sum(0, keepdims=True)
+
+    if pd > 0:
+        out[softmax(out * 100).max(1) < pd] = -100
+    p = softmax(out * 100)
+    k = keys / np.linalg.norm(keys, axis=0, keepdims=True)
+    weighted = p @ (k.T @ k).T
+    unsure = p.max(0) < ks
+    p[:, unsure] = weighted[:, unsure]
+    return p
+
+
+def test_key_smoothing_and_prompt_denoising_match_maskclips_definitions():
+    """refine_logits against the reference's refine_output on a hand-made image (3 classes,
+    4 locations, keys at non-negative cosines): the same labels, and at the smoothed
+    locations the reference's weighted sums divided by their total over classes."""
+    from distill.teacher.dense import refine_logits
+
+    cos = np.array([[0.30, 0.26, 0.21, 0.20],   # class 0: confident at location 0 only
+                    [0.20, 0.25, 0.22, 0.21],
+                    [0.10, 0.11, 0.12, 0.11]])  # class 2: never above 0.5: denoised
+    keys = np.array([[1.0, 0.9, 0.2, 0.0],
+                     [0.0, 0.4, 1.0, 1.0]])
+    want = _reference_refine(cos, keys, ks=1.0, pd=0.5)
+    logits = torch.tensor(cos, dtype=torch.float32).view(1, 3, 1, 4) / 0.01
+    got = refine_logits(logits, torch.tensor(keys, dtype=torch.float32).view(1, 2, 1, 4),
+                        key_smoothing=1.0, prompt_denoising=0.5)
+    assert got[0, :, 0].argmax(0).tolist() == want.argmax(0).tolist() == [0, 0, 1, 1]
+    np.testing.assert_allclose(got[0, :, 0].softmax(0).numpy(), want / want.sum(0),
+                               rtol=1e-5, atol=1e-6)
+    # the two departures (docs/reproduce.md section 6): a negative key cosine counts as 0
+    # here (the reference subtracts), and when no class reaches the denoising threshold the
+    # image's most confident class is kept (the reference masks every class)
+    flat = torch.zeros(1, 3, 1, 4)
+    assert (refine_logits(flat, prompt_denoising=0.5)[0, 0] == 0).all()
