@@ -95,6 +95,10 @@ class TeacherConfig:
     crop_scales: list[float] = field(default_factory=lambda: [1.0, 1.5])
     dense_mode: str = "maskclip"  # maskclip (keep residual + MLP) | clearclip (drop both)
     dense_short_side: int = 0  # dense input: 0 = the image's own size, else this short side
+    # the same model with a CLIPSelf-refined image tower (tools/refine_teacher.py) for the
+    # dense path (dense regions, segmenter targets and pseudo-labels, MaskCLIP); crops and
+    # text keep `pretrained`. null: the dense path uses `pretrained` too
+    dense_pretrained: str | None = None
     batch_size: int = 256  # crops per encoder call
     device: str = "cpu"
     # the teacher's own text logits are cosine / temperature (the teacher on proposals, its
@@ -131,6 +135,18 @@ class PretrainConfig:
     stuff_crops: bool = False  # add one crop per stuff class ("sand", ...) to every batch
     eval_period: int = 0  # > 0: log zero-shot top-1 on val crops every this many iterations
     seed: int = 0
+
+
+@dataclass
+class RefineConfig:
+    """CLIPSelf refinement of the teacher's image tower (distill/teacher/refine.py); its
+    schedule is the ``train`` section, its checkpoints go to ``output_dir``."""
+
+    output: str = "outputs/refine/refined.safetensors"
+    max_split: int = 6  # each image cut into m x n regions, m and n uniform in 1..max_split
+    # > 0: only regions whose crop the frozen teacher names (softmax over the train split's
+    # category names) with at least this confidence (0: every region, as CLIPSelf)
+    min_confidence: float = 0.0
 
 
 @dataclass
@@ -292,6 +308,7 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     model: DetectorConfig = field(default_factory=DetectorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     seg: SegmenterConfig = field(default_factory=SegmenterConfig)

@@ -243,6 +243,7 @@ class Teacher(nn.Module):
         dense_short_side: int = 0,
         batch_size: int = 256,
         temperature: float | None = None,
+        dense_visual: nn.Module | None = None,
     ):
         super().__init__()
         if temperature is not None and temperature <= 0:
@@ -257,6 +258,9 @@ class Teacher(nn.Module):
         if batch_size < 1:
             raise TeacherError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        # the image tower of the dense path: a refined copy (CLIPSelf, teacher.dense_pretrained)
+        # or, when None, the model's own
+        self.dense_visual = dense_visual
         self.model_name = model_name
         if model_cfg is None and model_name in open_clip.list_models():
             model_cfg = open_clip.get_model_config(model_name)
@@ -309,7 +313,10 @@ class Teacher(nn.Module):
         config, weights (every state_dict tensor's bytes), templates, crop rule, region and
         dense modes, input size, mean/std. Computed once (the teacher is frozen)."""
         h = hashlib.sha256()
-        for key, t in sorted(self.model.state_dict().items()):
+        state = dict(self.model.state_dict())
+        if self.dense_visual is not None:  # a refined dense tower: its weights count too
+            state.update({f"dense_visual.{k}": v for k, v in self.dense_visual.state_dict().items()})
+        for key, t in sorted(state.items()):
             t = t.detach().cpu().contiguous().reshape(-1)
             h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.view(torch.uint8).numpy())
@@ -454,6 +461,11 @@ class Teacher(nn.Module):
             out = F.normalize(pooled, dim=-1)
         return out.clone()
 
+    @property
+    def dense_tower(self) -> nn.Module:
+        """The image tower :meth:`dense` runs: the refined one, else the model's own."""
+        return self.dense_visual if self.dense_visual is not None else self.model.visual
+
     def dense_size(self, height: int, width: int) -> tuple[int, int]:
         """Input size for :meth:`dense`: the image's own size, or scaled to a short side of
         ``dense_short_side`` when that is set (> 0), rounded to the nearest multiple of the
@@ -461,7 +473,7 @@ class Teacher(nn.Module):
         if self.dense_short_side > 0:
             scale = self.dense_short_side / min(height, width)
             height, width = height * scale, width * scale
-        sy, sx = dense_stride(self.model.visual)
+        sy, sx = dense_stride(self.dense_tower)
         return max(sy, round(height / sy) * sy), max(sx, round(width / sx) * sx)
 
     def dense(self, image: Tensor, size: int | tuple[int, int] | None = None,
@@ -485,7 +497,7 @@ class Teacher(nn.Module):
             if tuple(x.shape[-2:]) != target:
                 x = F.interpolate(x, size=target, mode="bilinear", align_corners=False,
                                   antialias=True)
-            feats = dense_features(self.model.visual, x, mode or self.dense_mode, keys)
+            feats = dense_features(self.dense_tower, x, mode or self.dense_mode, keys)
             feats = feats.float() if keys else F.normalize(feats.float(), dim=1)
         feats = feats.clone()
         return feats[0] if single else feats
@@ -503,6 +515,7 @@ def build_teacher(
     batch_size: int = 256,
     device: str = "cpu",
     temperature: float | None = None,
+    dense_pretrained: str | None = None,
     **unknown: Any,
 ) -> Teacher:
     """Build a :class:`Teacher` from the fields of :class:`~distill.config.TeacherConfig`."""
@@ -511,7 +524,11 @@ def build_teacher(
     from distill.engine import resolve_device  # cuda -> this rank's GPU under torchrun
 
     clip, model_cfg = load_clip(model, pretrained, model_config, str(resolve_device(device)))
+    dense_visual = None
+    if dense_pretrained:  # the same model with a refined image tower: its tower only
+        dense_visual = load_clip(model, dense_pretrained, model_config,
+                                 str(resolve_device(device)))[0].visual
     return Teacher(clip, model, model_cfg=model_cfg, templates=templates,
                    region_mode=region_mode, crop_scales=crop_scales, dense_mode=dense_mode,
                    dense_short_side=dense_short_side, batch_size=batch_size,
-                   temperature=temperature)
+                   temperature=temperature, dense_visual=dense_visual)

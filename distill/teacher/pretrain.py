@@ -224,6 +224,20 @@ def _quick_zero_shot(model: torch.nn.Module, teacher: TeacherConfig, world: Worl
     return zero_shot_accuracy(snapshot, world, max_images=100)
 
 
+def _val_objects(world: World, split: str, max_images: int | None, batch_images: int):
+    """Batches of (records, images, boxes) of ``split``'s objects (xyxy pixels)."""
+    from distill.data.coco import load_image
+
+    data = json.loads(Path(world.captions[split]).read_text())["images"][:max_images]
+    for start in range(0, len(data), batch_images):
+        recs = data[start:start + batch_images]
+        images = [load_image(Path(world.images[split]) / r["file_name"]) for r in recs]
+        boxes = [torch.tensor([[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2],
+                                o["bbox"][1] + o["bbox"][3]] for o in r["objects"]],
+                              dtype=torch.float32).reshape(-1, 4) for r in recs]
+        yield recs, images, boxes
+
+
 def zero_shot_accuracy(teacher, world: World, split: str = "val", batch_images: int = 32,
                        max_images: int | None = None) -> dict[str, float]:
     """Top-1 zero-shot classification of every object crop of ``split`` over all object classes.
@@ -232,20 +246,10 @@ def zero_shot_accuracy(teacher, world: World, split: str = "val", batch_images: 
     the prompt-ensembled text embedding of each class name. Returns accuracy on
     all, base and novel objects, and the number of objects of each.
     """
-    import json
-
-    from distill.data.coco import load_image
-
-    data = json.loads(Path(world.captions[split]).read_text())["images"][:max_images]
     classes = list(world.classes)
     text = teacher.text(classes)
     correct, novel = [], []
-    for start in range(0, len(data), batch_images):
-        recs = data[start:start + batch_images]
-        images = [load_image(Path(world.images[split]) / r["file_name"]) for r in recs]
-        boxes = [torch.tensor([[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2],
-                                o["bbox"][1] + o["bbox"][3]] for o in r["objects"]],
-                              dtype=torch.float32).reshape(-1, 4) for r in recs]
+    for recs, images, boxes in _val_objects(world, split, max_images, batch_images):
         for r, emb in zip(recs, teacher.regions(images, boxes), strict=True):
             pred = (emb @ text.T).argmax(-1).tolist()
             for o, p in zip(r["objects"], pred, strict=True):
@@ -255,6 +259,30 @@ def zero_shot_accuracy(teacher, world: World, split: str = "val", batch_images: 
     return {"top1_all": c.mean().item(), "top1_base": c[~n].mean().item(),
             "top1_novel": c[n].mean().item(), "objects_base": int((~n).sum()),
             "objects_novel": int(n.sum())}
+
+
+def region_accuracy(teacher, world: World, split: str = "val", batch_images: int = 32,
+                    max_images: int | None = None) -> dict[str, float]:
+    """The dense-vs-crop protocol (issue 24): zero-shot top-1 over the world's object names
+    of every ``split`` object box, embedded from crops (``crop_top1``, the teacher's crop
+    rule) and from the dense map (``dense_top1``: RoIAlign on :meth:`Teacher.dense` at the
+    teacher's dense input size), and the mean cosine of the two embeddings of a box."""
+    classes = list(world.classes)
+    text = teacher.text(classes)
+    hits = {"crop": [], "dense": []}
+    cosines = []
+    for recs, images, boxes in _val_objects(world, split, max_images, batch_images):
+        crop = teacher.regions(images, boxes, mode="crop")
+        dense = teacher.regions(images, boxes, mode="dense")
+        for r, c, d in zip(recs, crop, dense, strict=True):
+            names = [o["name"] for o in r["objects"]]
+            for mode, emb in (("crop", c), ("dense", d)):
+                hits[mode] += [classes[p] == n for p, n in
+                               zip((emb @ text.T).argmax(-1).tolist(), names, strict=True)]
+            cosines += (c * d).sum(-1).tolist()
+    return {"crop_top1": sum(hits["crop"]) / len(hits["crop"]),
+            "dense_top1": sum(hits["dense"]) / len(hits["dense"]),
+            "cosine": sum(cosines) / len(cosines), "objects": len(cosines)}
 
 
 def pretrain_and_save(cfg, world, progress: bool, argv: list[str]) -> dict:

@@ -1,0 +1,197 @@
+"""CLIPSelf (Wu et al., ICLR 2024): a CLIP image tower distilled into itself, so that its
+dense embeddings of a region come close to its embedding of that region's crop.
+
+Each unlabelled training image (resized to the teacher's dense input size) is cut into a
+random grid of m x n regions (m, n uniform in 1..``max_split``). The frozen tower embeds
+the crop of every region (its ordinary image path, 1x crops at the tower's input size);
+the trainable copy's dense features (:func:`distill.teacher.dense.dense_features`: the
+MaskCLIP value path of a ViT, the attention pool's value path of a ResNet) are averaged
+over the same region (:func:`pool_regions`). The loss is 1 - cosine between the two,
+averaged over the regions (:func:`clipself_loss`). The text tower is untouched.
+
+    record = refine_and_save(cfg, progress=True)   # writes cfg.refine.output (+ .json)
+
+The engine trains it (distill/engine.py: checkpoints, exact resume, progress); the result
+is the whole CLIP model with the refined image tower, a safetensors file that open_clip
+loads as the same model (``teacher.pretrained=<file>``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from distill.config import ExperimentConfig, atomic_write
+from distill.teacher.clip import Teacher, cut_crops
+from distill.teacher.dense import dense_features
+
+
+def grid_boxes(height: int, width: int, rows: int, cols: int) -> Tensor:
+    """The ``rows`` x ``cols`` cells of an image of ``height`` x ``width`` pixels, row-major,
+    (rows * cols, 4) xyxy (cell edges at i * height / rows, rounded to no pixel)."""
+    ys = torch.linspace(0, height, rows + 1)
+    xs = torch.linspace(0, width, cols + 1)
+    y1, x1 = torch.meshgrid(ys[:-1], xs[:-1], indexing="ij")
+    y2, x2 = torch.meshgrid(ys[1:], xs[1:], indexing="ij")
+    return torch.stack([x1, y1, x2, y2], -1).reshape(-1, 4)
+
+
+def pool_regions(features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """features (D, h, w) of an image of ``image_size`` (H, W) pixels, boxes (N, 4) xyxy in
+    those pixels -> (N, D): each box's average of the map (RoIAlign with one output bin and
+    adaptive sampling, aligned: a box on cell edges averages those cells' centres), not
+    normalised. As :meth:`Teacher.regions` in dense mode."""
+    h, w = features.shape[-2:]
+    scale = boxes.new_tensor([w / image_size[1], h / image_size[0]] * 2)
+    rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes * scale], 1)
+    return roi_align(features[None], rois.to(features.dtype), (1, 1), spatial_scale=1.0,
+                     sampling_ratio=0, aligned=True).flatten(1)
+
+
+def clipself_loss(dense: Tensor, crops: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean over regions of 1 - cosine(dense region embedding, crop embedding); (N, D) each.
+    ``weights`` (N,) >= 0: a weighted mean instead (0 when every weight is 0)."""
+    loss = 1 - F.cosine_similarity(dense, crops.to(dense.dtype), dim=-1)
+    if weights is None:
+        return loss.mean()
+    weights = weights.to(loss)
+    return (loss * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+class DenseTower(nn.Module):
+    """A trainable copy of an open_clip image tower whose forward is its dense path:
+    normalised (B, 3, H, W) -> (B, D, h, w). Its batch-norm layers (a ResNet tower's) keep
+    the frozen tower's statistics: ``train()`` leaves them in eval mode."""
+
+    def __init__(self, visual: nn.Module, mode: str = "maskclip"):
+        super().__init__()
+        self.visual, self.mode = visual, mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dense_features(self.visual, x, self.mode)
+
+    def train(self, mode: bool = True) -> DenseTower:
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+class RegionGrids(torch.utils.data.Dataset):
+    """Training samples: each image of ``data`` (samples with ``image`` (3, H, W) uint8)
+    resized to ``size(H, W)`` and a random m x n grid of regions (m, n in 1..``max_split``,
+    from the engine's per-sample generator)."""
+
+    def __init__(self, data, size, max_split: int = 6):
+        if max_split < 1:
+            raise ValueError(f"refine.max_split must be >= 1, got {max_split}")
+        self.data, self.size, self.max_split = data, size, max_split
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.sample(i, None)
+
+    def sample(self, i: int, generator: torch.Generator | None) -> dict:
+        image = self.data[i]["image"]
+        h, w = self.size(*image.shape[-2:])
+        if (h, w) != tuple(image.shape[-2:]):
+            image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear",
+                                  align_corners=False, antialias=True)[0].round().clamp(0, 255)
+            image = image.to(torch.uint8)
+        rows, cols = (torch.randint(1, self.max_split + 1, (2,), generator=generator)).tolist()
+        return {"image": image, "boxes": grid_boxes(h, w, rows, cols)}
+
+
+def refine_step(frozen: Teacher, text: Tensor | None = None, min_confidence: float = 0.0):
+    """``loss_fn(model, batch)`` for the engine: a list of :class:`RegionGrids` samples, the
+    trainable :class:`DenseTower` ``model``, the ``frozen`` teacher's crop embeddings as
+    targets. With ``min_confidence`` > 0 only the regions whose crop the frozen teacher
+    names (softmax over ``text`` (C, D) at its temperature) with at least that confidence
+    count."""
+    def loss_fn(model, batch) -> dict[str, Tensor]:
+        dense, crops = [], []
+        for s in batch:
+            x = frozen.normalize(s["image"])
+            size = tuple(x.shape[-2:])
+            dense.append(pool_regions(model(x)[0], s["boxes"].to(x.device), size))
+            with torch.no_grad():
+                rois = torch.cat([s["boxes"].new_zeros(len(s["boxes"]), 1), s["boxes"]], 1)
+                crops.append(F.normalize(frozen.model.encode_image(
+                    cut_crops(x, rois, frozen.image_size)).float(), dim=-1))
+        crops = torch.cat(crops)
+        weights = None
+        if min_confidence > 0:
+            conf = (crops @ text.to(crops).T / frozen.temperature).softmax(-1).amax(-1)
+            weights = (conf >= min_confidence).float()
+        return {"loss_clipself": clipself_loss(torch.cat(dense), crops, weights)}
+    return loss_fn
+
+
+def refined_model(frozen: Teacher, tower: DenseTower) -> nn.Module:
+    """The frozen teacher's whole CLIP model with ``tower``'s image weights (a copy)."""
+    model = copy.deepcopy(frozen.model)
+    model.visual.load_state_dict(tower.visual.state_dict())
+    return model
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """``model``'s state_dict as a safetensors file that open_clip loads (atomic write)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, save(state))
+
+
+def refine(cfg: ExperimentConfig, progress: bool = True) -> tuple[Teacher, nn.Module]:
+    """Train the refined tower of ``cfg.teacher`` on the train split of ``cfg``'s data with
+    ``cfg.train``'s schedule into ``cfg.output_dir`` (a rerun resumes); returns (the frozen
+    teacher, the refined CLIP model)."""
+    from distill.data.coco import CocoDetection, dataset_paths
+    from distill.engine import train as train_loop
+
+    frozen = Teacher.from_config(cfg.teacher)
+    torch.manual_seed(cfg.train.seed)
+    tower = DenseTower(copy.deepcopy(frozen.model.visual), frozen.dense_mode)
+    tower.requires_grad_(True)
+    pool = getattr(tower.visual, "attnpool", None)
+    if pool is not None:  # a ResNet's dense path skips the pool's attention: nothing to train
+        for p in (pool.q_proj, pool.k_proj, pool.positional_embedding):
+            p.requires_grad_(False)
+    images = CocoDetection(*dataset_paths(cfg, "train"))
+    data = RegionGrids(images, frozen.dense_size, cfg.refine.max_split)
+    text = frozen.text(images.names) if cfg.refine.min_confidence > 0 else None
+    train_loop(tower, refine_step(frozen, text, cfg.refine.min_confidence), data, cfg.train,
+               cfg.output_dir, collate_fn=list, resume=True, progress=progress)
+    return frozen, refined_model(frozen, tower.cpu())
+
+
+def refine_and_save(cfg: ExperimentConfig, progress: bool = True, argv: list[str] = (),
+                    measure=None) -> dict:
+    """:func:`refine`, then ``cfg.refine.output`` and, beside it, ``<name>.json``: the command,
+    images, iterations and seconds, and ``measure(teacher)`` of the teacher before and after
+    (e.g. crop and dense zero-shot accuracy), when given."""
+    t = time.perf_counter()
+    frozen, model = refine(cfg, progress)
+    seconds = round(time.perf_counter() - t, 1)
+    out = Path(cfg.refine.output)
+    save_model(model, out)
+    record = {"checkpoint": str(out), "command": " ".join(argv),
+              "teacher": dataclasses.asdict(cfg.teacher), "refine": dataclasses.asdict(cfg.refine),
+              "train": dataclasses.asdict(cfg.train), "seconds": seconds,
+              "iterations": cfg.train.max_iters,
+              "images_seen": cfg.train.max_iters * cfg.train.batch_size}
+    if measure is not None:
+        after = Teacher.from_config(dataclasses.replace(cfg.teacher, pretrained=str(out)))
+        record["before"], record["after"] = measure(frozen), measure(after)
+    atomic_write(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    return record
