@@ -68,19 +68,21 @@ def ensemble_scores(
 ) -> Tensor:
     """ViLD-ensemble scores: base text^lam * image^(1-lam), novel text^(1-lam) * image^lam.
 
-    text_probs, image_probs (N, C) or (N, 1 + C) with background in column 0 (torchvision
-    order); novel_mask (C,) bool over the classes. With a background column, the result
-    keeps the text branch's background probability there. Returns the shape of text_probs.
+    text_probs (N, C) or (N, 1 + C) with background in column 0 (torchvision order);
+    image_probs (N, C), ViLD's image branch (over the vocabulary alone, no background), or
+    of text_probs' shape (its background column unused); novel_mask (C,) bool over the
+    classes. With a background column, the result keeps the text branch's background
+    probability there. Returns the shape of text_probs.
     """
-    if text_probs.shape != image_probs.shape:
-        raise ValueError(f"text_probs {tuple(text_probs.shape)} != image_probs "
-                         f"{tuple(image_probs.shape)}")
     num_classes = novel_mask.shape[0]
     extra = text_probs.shape[-1] - num_classes
-    if extra not in (0, 1):
-        raise ValueError(f"probs have {text_probs.shape[-1]} columns; expected C={num_classes} "
-                         f"or C+1 with novel_mask of length C")
-    t, i = text_probs[..., extra:], image_probs[..., extra:]
+    image_extra = image_probs.shape[-1] - num_classes
+    if extra not in (0, 1) or image_extra not in (0, extra) or \
+            text_probs.shape[:-1] != image_probs.shape[:-1]:
+        raise ValueError(f"text_probs {tuple(text_probs.shape)} and image_probs "
+                         f"{tuple(image_probs.shape)} do not fit C={num_classes} classes "
+                         f"(text: C or 1 + C columns; image: C or text's)")
+    t, i = text_probs[..., extra:], image_probs[..., image_extra:]
     novel = novel_mask.to(device=t.device, dtype=torch.bool)
     w_text = torch.where(novel, 1.0 - lam, lam).to(t.dtype)
     scores = t.pow(w_text) * i.pow(1.0 - w_text)
@@ -208,6 +210,19 @@ class EmbeddingRoIHeads(RoIHeads):
         probs = reference_probs(names, fixed, known)  # pairwise: sigmoid(name - background)
         return torch.cat([1 - probs.max(-1, keepdim=True).values, probs], -1)
 
+    def name_probs(self, embeddings: Tensor) -> Tensor:
+        """(R, D) -> (R, C): ViLD-ensemble's image-branch scores, over the names alone (no
+        background column: the image head is distilled from the teacher, never trained
+        against the background, which the text branch scores). ``softmax``: the softmax
+        over the vocabulary; otherwise each name against the training names and itself
+        (``reference``'s rule without the background), independent of the other names."""
+        names = embeddings @ self.text_embeddings.T / self.temperature
+        if self.scoring == "softmax" or not len(self.reference_embeddings):
+            return F.softmax(names, dim=-1)
+        ref = self.reference_embeddings
+        return reference_probs(names, embeddings @ ref.T / self.temperature,
+                               known_names(self.text_embeddings, ref))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         take_rows(self, "reference_embeddings", state_dict, prefix)  # any number of names
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -231,7 +246,7 @@ class EmbeddingRoIHeads(RoIHeads):
         embeddings, box_regression = self.text_head(pooled)
         probs = self.class_probs(embeddings)
         if self.image_head is not None:
-            image_probs = self.class_probs(self.image_head(pooled)[0])
+            image_probs = self.name_probs(self.image_head(pooled)[0])
             probs = ensemble_scores(probs, image_probs, self.novel_mask, self.ensemble_lambda)
         boxes = self.box_coder.decode(box_regression, proposals).reshape(-1, 4)  # (R, 4)
         detections = self.postprocess(probs, boxes, [len(p) for p in proposals], image_shapes)

@@ -350,3 +350,35 @@ def test_ensemble_scores_by_hand():
     assert half.tolist()[0] == pytest.approx([math.sqrt(0.16), math.sqrt(0.05)], rel=1e-6)
     with pytest.raises(ValueError):
         ensemble_scores(t((0.5, 0.3, 0.1, 0.1)), t((0.5, 0.3, 0.1, 0.1)), novel)
+    # ViLD's image branch has no background column: (N, C) beside the text's (N, 1 + C)
+    image_names = t((0.25, 0.75))
+    s = ensemble_scores(text, image_names, novel)
+    assert s.tolist()[0] == pytest.approx(
+        [0.1, 0.8 ** (2 / 3) * 0.25 ** (1 / 3), 0.1 ** (1 / 3) * 0.75 ** (2 / 3)], rel=1e-6)
+    with pytest.raises(ValueError, match="do not fit C=2"):
+        ensemble_scores(text[:, 1:], t((0.3, 0.2, 0.5)), novel)  # image with, text without
+
+
+def test_the_ensembles_image_branch_scores_names_without_the_background():
+    """ViLD-ensemble as the reference has it: the image head's probabilities run over the
+    vocabulary alone; the text branch keeps the background. By hand, temperature 1: a region
+    at cosines (names) 0.6, 0.2, background 0.9, training names = the first two names."""
+    from detectors import build_detector
+
+    m = build_detector("vild_r18_fpn", embed_dim=3, hidden=8, image_size=64, ensemble=True,
+                       temperature=1.0)
+    heads = m.roi_heads
+    names = torch.eye(3)  # name k's embedding: axis k
+    m.set_training_vocabulary(names[:2])
+    m.set_vocabulary(names, torch.tensor([False, False, True]))
+    region = torch.tensor([[0.6, 0.2, 0.5]])
+    heads.scoring = "softmax"
+    e = [math.exp(x) for x in (0.6, 0.2, 0.5)]
+    assert heads.name_probs(region).tolist()[0] == pytest.approx([x / sum(e) for x in e])
+    heads.scoring = "reference"  # each name against the training names (0.6, 0.2) and itself
+    ref = math.exp(0.6) + math.exp(0.2)
+    want = [math.exp(0.6) / ref, math.exp(0.2) / ref, math.exp(0.5) / (ref + math.exp(0.5))]
+    assert heads.name_probs(region).tolist()[0] == pytest.approx(want, rel=1e-6)
+    # the same names in any company: the third alone scores as beside the others
+    m.set_vocabulary(names[2:], torch.tensor([True]))
+    assert heads.name_probs(region).tolist()[0] == pytest.approx(want[2:], rel=1e-6)
