@@ -146,6 +146,14 @@ class EmbeddingHead(nn.Module):
         self.projection = nn.Linear(hidden, embed_dim)
         self.bbox_pred = nn.Linear(hidden, 4) if box_regression else None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before 2026-12-05 named the two FC layers fc6 / fc7
+        for old, new in (("fc6", "trunk.1"), ("fc7", "trunk.3")):
+            for kind in ("weight", "bias"):
+                if f"{prefix}{old}.{kind}" in state_dict:
+                    state_dict[f"{prefix}{new}.{kind}"] = state_dict.pop(f"{prefix}{old}.{kind}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = self.trunk(x)
         embeddings = F.normalize(self.projection(x), dim=-1)

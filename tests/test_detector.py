@@ -161,6 +161,17 @@ def test_vilds_4conv_1fc_head_layout_and_parameter_count():
     assert out["region_embeddings"].shape[1] == 16
 
 
+def test_weights_saved_with_the_old_fc6_fc7_names_still_load():
+    m = _model()
+    state = m.state_dict()
+    old = {k.replace("trunk.1.", "fc6.").replace("trunk.3.", "fc7."): v for k, v in state.items()}
+    assert "roi_heads.text_head.fc6.weight" in old
+    fresh = _model()
+    torch.nn.init.zeros_(fresh.roi_heads.text_head.trunk[1].weight)
+    fresh.load_state_dict(old)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+
 def test_frozen_norms_on_a_random_backbone_are_refused():
     with pytest.raises(ValueError, match=r"^model.norm: frozen_bn with no "
                                          r"model.backbone_weights would train a random ResNet"):
