@@ -262,3 +262,27 @@ def test_benchmark_pipeline_is_one_command(datasets, tmp_path, capsys, bench, ma
     teacher = json.loads((Path(summary["students"]["vild_text"]["run"]) /
                           "teacher_on_300_proposals" / "summary.json").read_text())
     assert {"coco_ov": "AP50_novel", "lvis": "APr"}[bench] in teacher
+
+
+def test_coco_clipself_refinement_feeds_the_ade20k_teacher(datasets, tmp_path, resnet101):
+    """configs/coco_ov/refine_teacher.yaml for one iteration on the fake COCO images (the
+    tiny ViT in place of ViT-B/16), then the ADE20k teacher baseline on its refined tower
+    (teacher.dense_pretrained)."""
+    from safetensors.torch import load_file
+
+    from tools import refine_teacher
+
+    assert make_ov_coco.main([]) == 0
+    refined = tmp_path / "refine" / "refined.safetensors"
+    assert refine_teacher.main(["--config", str(REPO / "configs/coco_ov/refine_teacher.yaml"),
+                                *TINY, *ONE_STEP, "teacher.dense_short_side=64",
+                                f"output_dir={tmp_path / 'refine'}", f"refine.output={refined}",
+                                "--no-progress"]) == 0
+    assert "visual.proj" in load_file(refined)
+    cfg = _cfg("configs/ade20k/teacher.yaml", tmp_path, f"output_dir={tmp_path / 'teacher'}",
+               f"teacher.dense_pretrained={refined}", f"seg.backbone_weights={resnet101}",
+               "seg.short_side=64", "seg.window=64", "seg.stride=48")
+    metrics = segmentation.teacher_baseline(cfg, progress=False)
+    assert 0.0 <= metrics["mIoU"] <= 1.0
+    saved = load_config(tmp_path / "teacher" / "config.yaml")
+    assert saved.teacher.dense_pretrained == str(refined)
