@@ -21,8 +21,9 @@ import pytest
 from distill.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+# the detector configs (refine_teacher.yaml refines the teacher: CLIPSelf's recipe, not ViLD's)
 CONFIGS = sorted(p for d in ("coco_ov", "lvis") for p in (REPO / "configs" / d).glob("*.yaml")
-                 if p.name != "base.yaml")
+                 if p.name not in ("base.yaml", "refine_teacher.yaml"))
 PAPER_BATCH = 256  # vild_resnet.yaml train.train_batch_size
 BATCH = 16  # the configs' total batch: 8 processes x train.batch_size 2 (docs/reproduce.md)
 
@@ -157,3 +158,18 @@ def test_the_maskclip_plus_configs_keep_their_recipe(dataset):
              for key, want, source in [*MASKCLIP_PLUS, *PER_DATASET[dataset]]
              if resolved(config, key) != pytest.approx(want)]
     assert not drift, f"{config.relative_to(REPO)}:\n" + "\n".join(drift)
+
+
+def test_the_coco_refinement_keeps_clipselfs_recipe():
+    """configs/coco_ov/refine_teacher.yaml against CLIPSelf's COCO scripts (wusize/CLIPSelf
+    scripts/train_clipself_coco_*: --batch-size 2 on 8 GPUs, --lr 1e-5, --wd 0.1, --epochs 6,
+    --warmup 1000, --det-image-size 1024) and its grids (at most 6 x 6)."""
+    config = REPO / "configs/coco_ov/refine_teacher.yaml"
+    want = {"teacher.model": "ViT-B-16", "teacher.dense_short_side": 1024,
+            "refine.max_split": 6, "train.batch_size": 2, "train.optim.name": "adamw",
+            "train.optim.lr": 1e-5, "train.optim.weight_decay": 0.1,
+            "train.schedule.warmup_iters": 1000,
+            "train.max_iters": 6 * 107761 // BATCH}  # 6 epochs of OV-COCO train at 16
+    drift = {k: resolved(config, k) for k, v in want.items()
+             if resolved(config, k) != pytest.approx(v)}
+    assert not drift, drift
