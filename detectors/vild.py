@@ -142,7 +142,7 @@ class EmbeddingHead(nn.Module):
                              f"{fcs}, {convs})")
         self.trunk = FastRCNNConvFCHead((in_channels, resolution, resolution),
                                         [in_channels] * convs, [hidden] * fcs,
-                                        norm_layer=norm_layer(norm, "model.head_norm", frozen=False))
+                                        norm_layer=norm_layer(norm, "model.head_norm"))
         self.projection = nn.Linear(hidden, embed_dim)
         self.bbox_pred = nn.Linear(hidden, 4) if box_regression else None
 

@@ -15,18 +15,28 @@ _CHANNELS = {10: [64, 128, 256, 512], 18: [64, 128, 256, 512], 34: [64, 128, 256
              50: [256, 512, 1024, 2048]}
 
 
-def norm_layer(name: str, key: str = "model.norm", frozen: bool = True):
-    """A norm layer class (or factory) for ``name``: "gn" (GroupNorm, 32 groups at most, for
-    training from scratch with small batches), "bn" (trainable BatchNorm; the engine makes it
-    ``SyncBatchNorm`` under DDP on CUDA), "frozen_bn" (``frozen``: for ImageNet weights
-    only) or "none" (None); ``key`` names the setting in the error."""
+def norm_layer(name: str, key: str = "model.norm", valid=("gn", "bn", "none")):
+    """A norm layer class (or factory) for ``name``, one of ``valid``: "gn" (GroupNorm, 32
+    groups at most, for training from scratch with small batches), "bn" (trainable
+    BatchNorm; the engine makes it ``SyncBatchNorm`` under DDP on CUDA), "frozen_bn" (for
+    ImageNet weights only) or "none" (None); ``key`` names the setting in the error."""
     norms = {"gn": lambda c: nn.GroupNorm(min(32, c // 8), c), "bn": nn.BatchNorm2d,
-             "none": None}
-    if frozen:
-        norms["frozen_bn"] = FrozenBatchNorm2d
-    if name not in norms:
-        raise ValueError(f"{key}: unknown norm '{name}' (valid: {', '.join(norms)})")
+             "frozen_bn": FrozenBatchNorm2d, "none": None}
+    if name not in valid:
+        raise ValueError(f"{key}: unknown norm '{name}' (valid: {', '.join(valid)})")
     return norms[name]
+
+
+def body_norm(norm: str, weights: str | None, section: str = "model"):
+    """The norm layer of a ResNet body (gn | bn | frozen_bn); frozen norms on random weights
+    (no ``weights``) are refused: they would stay identities."""
+    layer = norm_layer(norm, f"{section}.norm", valid=("gn", "bn", "frozen_bn"))
+    if norm == "frozen_bn" and weights is None:
+        raise ValueError(f"{section}.norm: frozen_bn with no {section}.backbone_weights would "
+                         f"train a random ResNet whose norms are fixed identities; set "
+                         f"{section}.backbone_weights (an ImageNet state_dict) or "
+                         f"{section}.norm=bn (trainable; SyncBatchNorm under DDP on CUDA)")
+    return layer
 
 
 def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 64,
@@ -35,20 +45,14 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
                section: str = "model") -> BackboneWithFPN:
     """torchvision ResNet-``depth`` + FPN with ``fpn_channels`` outputs ('0', '1', ... + 'pool').
 
-    ``norm``: the ResNet's (:func:`norm_layer`; "frozen_bn" only with ``weights``: frozen
-    identity norms on a random network are refused); ``fpn_norm``: the FPN's convolutions'
+    ``norm``: the ResNet's (:func:`body_norm`); ``fpn_norm``: the FPN's convolutions'
     (default none, as torchvision). ``weights``: a local torchvision ResNet state_dict
     (.pth/.safetensors) or a detectron2 model-zoo ``.pkl`` (distill/detectron2.py), loaded
     safely; None trains from scratch. ``section``: the config section errors name.
     """
     if depth not in _CHANNELS:
         raise ValueError(f"{section}.depth: unsupported ResNet depth {depth} (valid: 10, 18, 34, 50)")
-    layer = norm_layer(norm, f"{section}.norm")
-    if norm == "frozen_bn" and weights is None:
-        raise ValueError(f"{section}.norm: frozen_bn with no {section}.backbone_weights would "
-                         f"train a random ResNet whose norms are fixed identities; set "
-                         f"{section}.backbone_weights (an ImageNet state_dict) or "
-                         f"{section}.norm=bn (trainable; SyncBatchNorm under DDP on CUDA)")
+    layer = body_norm(norm, weights, section)
     if depth == 10:  # ResNet-18 with one BasicBlock per stage: half its cost, for tiny worlds
         body = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=layer)
     else:
@@ -62,7 +66,7 @@ def resnet_fpn(depth: int = 18, returned_layers=(2, 3, 4), fpn_channels: int = 6
     in_channels = [_CHANNELS[depth][k - 1] for k in returned_layers]
     return BackboneWithFPN(body, return_layers, in_channels, fpn_channels,
                            extra_blocks=LastLevelMaxPool(),
-                           norm_layer=norm_layer(fpn_norm, f"{section}.fpn_norm", frozen=False))
+                           norm_layer=norm_layer(fpn_norm, f"{section}.fpn_norm"))
 
 
 class ASPP(nn.Module):
@@ -87,12 +91,9 @@ class DeepLabV2(nn.Module):
     def __init__(self, depth: int = 101, out_channels: int = 512, norm: str = "bn",
                  weights: str | None = None, section: str = "seg"):
         super().__init__()
-        if norm == "frozen_bn" and weights is None:
-            raise ValueError(f"{section}.norm: frozen_bn with no {section}.backbone_weights "
-                             f"would train a random ResNet whose norms are fixed identities")
         body = getattr(resnet, f"resnet{depth}")(
             weights=None, replace_stride_with_dilation=[False, True, True],
-            norm_layer=norm_layer(norm, f"{section}.norm"))
+            norm_layer=body_norm(norm, weights, section))
         if weights is not None:
             _load_body(body, Path(weights))
         del body.fc, body.avgpool

@@ -180,6 +180,9 @@ def test_frozen_norms_on_a_random_backbone_are_refused():
 
     with pytest.raises(ValueError, match=r"^seg.norm: frozen_bn with no seg.backbone_weights"):
         build_segmenter("seg_r10_fpn", embed_dim=8, norm="frozen_bn")
+    with pytest.raises(ValueError, match=r"model.norm: unknown norm 'none' "
+                                         r"\(valid: gn, bn, frozen_bn\)"):
+        _model(norm="none")  # torchvision would quietly take BatchNorm for None
     with pytest.raises(ValueError, match=r"model.head_norm: unknown norm 'frozen_bn' "
                                          r"\(valid: gn, bn, none\)"):
         _model(head_convs=1, head_norm="frozen_bn")

@@ -36,12 +36,12 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
-from distill.config import ConfigError, TeacherConfig
+from distill.config import ConfigError, TeacherConfig, atomic_write
 from distill.teacher import prompts
-from distill.teacher.dense import DENSE_MODES, dense_features, dense_stride
+from distill.teacher.dense import DENSE_MODES, dense_features, dense_stride, pool_regions
 
 REGION_MODES = ("crop", "dense")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
@@ -185,6 +185,13 @@ def load_clip(
         why = _state_dict_mismatch(str(e)) or _one_line(e)
         raise TeacherError(f"cannot load pretrained '{pretrained}' into '{model}': {why}") from None
     return clip, open_clip.get_model_config(model)
+
+
+def save_clip(model: nn.Module, path: str | os.PathLike) -> None:
+    """``model``'s state_dict as a safetensors file that open_clip loads with
+    ``pretrained=<path>`` (one atomic write)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, save(state))
 
 
 @functools.lru_cache(maxsize=8)
@@ -451,14 +458,8 @@ class Teacher(nn.Module):
             return torch.zeros(0, self.embed_dim, device=self.device)
         fmap = self.dense(image)  # (D, h, w)
         with torch.inference_mode():
-            h, w = fmap.shape[-2:]
-            sx, sy = w / image.shape[-1], h / image.shape[-2]
             b = enlarge_boxes(boxes.cpu(), 1.0, image.shape[-2], image.shape[-1]).to(fmap.device)
-            b = b * torch.tensor([sx, sy, sx, sy], device=fmap.device)
-            rois = torch.cat([torch.zeros(len(b), 1, device=b.device), b], dim=1)
-            pooled = roi_align(fmap[None], rois, (1, 1), spatial_scale=1.0, sampling_ratio=0,
-                               aligned=True).flatten(1)
-            out = F.normalize(pooled, dim=-1)
+            out = F.normalize(pool_regions(fmap, b, tuple(image.shape[-2:])), dim=-1)
         return out.clone()
 
     @property

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 from distill.config import ConfigError
 
@@ -153,6 +154,18 @@ def dense_features(visual: nn.Module, x: Tensor, mode: str = "maskclip",
         return resnet_dense(visual, x, keys)
     dense_stride(visual)  # raises DenseUnsupported
     raise AssertionError
+
+
+def pool_regions(features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """features (D, h, w) of an image of ``image_size`` (H, W) pixels, boxes (N, 4) xyxy in
+    those pixels -> (N, D): each box's average of the map (RoIAlign with one output bin and
+    adaptive sampling, aligned: a box on cell edges averages those cells' centres), not
+    normalised. :meth:`Teacher.regions` in dense mode and the CLIPSelf loss pool with it."""
+    h, w = features.shape[-2:]
+    scale = boxes.new_tensor([w / image_size[1], h / image_size[0]] * 2)
+    rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes * scale], 1)
+    return roi_align(features[None], rois.to(features.dtype), (1, 1), spatial_scale=1.0,
+                     sampling_ratio=0, aligned=True).flatten(1)
 
 
 def refine_logits(logits: Tensor, keys: Tensor | None = None, key_smoothing: float = 0.0,

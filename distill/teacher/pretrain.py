@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -33,12 +32,11 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from distill.config import PretrainConfig, TeacherConfig, atomic_write
 from distill.data.synthetic import World
-from distill.teacher.clip import cut_crops
+from distill.teacher.clip import cut_crops, save_clip
 
 CAPTION_FORMS = (  # (form, weight): every form names the colour and the shape
     ("a {color} {name}", 6),
@@ -290,11 +288,7 @@ def pretrain_and_save(cfg, world, progress: bool, argv: list[str]) -> dict:
     t = time.perf_counter()
     model = pretrain(world, cfg.teacher, cfg.pretrain, progress=progress)
     seconds = round(time.perf_counter() - t, 1)
-    out = Path(cfg.pretrain.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, out)
+    save_clip(model, cfg.pretrain.output)
     return evaluate_and_record(cfg, world, argv, seconds)
 
 

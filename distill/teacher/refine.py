@@ -6,7 +6,7 @@ random grid of m x n regions (m, n uniform in 1..``max_split``). The frozen towe
 the crop of every region (its ordinary image path, 1x crops at the tower's input size);
 the trainable copy's dense features (:func:`distill.teacher.dense.dense_features`: the
 MaskCLIP value path of a ViT, the attention pool's value path of a ResNet) are averaged
-over the same region (:func:`pool_regions`). The loss is 1 - cosine between the two,
+over the same region (:func:`distill.teacher.dense.pool_regions`). The loss is 1 - cosine between the two,
 averaged over the regions (:func:`clipself_loss`). The text tower is untouched.
 
     record = refine_and_save(cfg, progress=True)   # writes cfg.refine.output (+ .json)
@@ -26,13 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from distill.config import ExperimentConfig, atomic_write
-from distill.teacher.clip import Teacher, cut_crops
-from distill.teacher.dense import dense_features
+from distill.teacher.clip import Teacher, cut_crops, save_clip
+from distill.teacher.dense import dense_features, pool_regions
 
 
 def grid_boxes(height: int, width: int, rows: int, cols: int) -> Tensor:
@@ -43,18 +41,6 @@ def grid_boxes(height: int, width: int, rows: int, cols: int) -> Tensor:
     y1, x1 = torch.meshgrid(ys[:-1], xs[:-1], indexing="ij")
     y2, x2 = torch.meshgrid(ys[1:], xs[1:], indexing="ij")
     return torch.stack([x1, y1, x2, y2], -1).reshape(-1, 4)
-
-
-def pool_regions(features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """features (D, h, w) of an image of ``image_size`` (H, W) pixels, boxes (N, 4) xyxy in
-    those pixels -> (N, D): each box's average of the map (RoIAlign with one output bin and
-    adaptive sampling, aligned: a box on cell edges averages those cells' centres), not
-    normalised. As :meth:`Teacher.regions` in dense mode."""
-    h, w = features.shape[-2:]
-    scale = boxes.new_tensor([w / image_size[1], h / image_size[0]] * 2)
-    rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes * scale], 1)
-    return roi_align(features[None], rois.to(features.dtype), (1, 1), spatial_scale=1.0,
-                     sampling_ratio=0, aligned=True).flatten(1)
 
 
 def clipself_loss(dense: Tensor, crops: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -146,12 +132,6 @@ def refined_model(frozen: Teacher, tower: DenseTower) -> nn.Module:
     return model
 
 
-def save_model(model: nn.Module, path: str | Path) -> None:
-    """``model``'s state_dict as a safetensors file that open_clip loads (atomic write)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, save(state))
-
-
 def refine(cfg: ExperimentConfig, progress: bool = True) -> tuple[Teacher, nn.Module]:
     """Train the refined tower of ``cfg.teacher`` on the train split of ``cfg``'s data with
     ``cfg.train``'s schedule into ``cfg.output_dir`` (a rerun resumes); returns (the frozen
@@ -184,7 +164,7 @@ def refine_and_save(cfg: ExperimentConfig, progress: bool = True, argv: list[str
     frozen, model = refine(cfg, progress)
     seconds = round(time.perf_counter() - t, 1)
     out = Path(cfg.refine.output)
-    save_model(model, out)
+    save_clip(model, out)
     record = {"checkpoint": str(out), "command": " ".join(argv),
               "teacher": dataclasses.asdict(cfg.teacher), "refine": dataclasses.asdict(cfg.refine),
               "train": dataclasses.asdict(cfg.train), "seconds": seconds,
