@@ -27,6 +27,21 @@ pytestmark = [pytest.mark.slow,
 SEED = 8
 KILLS = 5  # the first right as a temporary appears, the others at random moments
 TRAIN = ["train.max_iters=12", "train.checkpoint_period=3", "train.keep_checkpoints=10"]
+# Runs ``python -m MODULE ARGS`` with every rename of a temporary held for a second, so the
+# first kill lands while the temporary exists: without it the child may rename in the
+# moment between the test seeing the temporary and the signal arriving (a loaded CI
+# machine did), and the kill hits nothing.
+HOLD_RENAMES = """
+import os, runpy, sys, time
+_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if ".tmp" in os.fspath(src):
+        time.sleep(1.0)
+    return _replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
 
 
 def _env() -> dict[str, str]:
@@ -47,13 +62,14 @@ def _run_and_kill(cmd: list[str], log: Path, banner: str, watch: Path,
     """Start ``cmd``; once its progress bar (``banner``) shows, SIGKILL it ``delay`` seconds
     later, or (``delay`` None) as soon as a temporary file shows in ``watch``. Returns
     whether it was killed (False: it finished first)."""
+    name = next(arg for arg in cmd if arg.startswith("tools."))
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 180
         while banner not in log.read_text(errors="replace"):
-            assert proc.poll() is None, f"{cmd[2]} exited before working: {log.read_text()}"
-            assert time.monotonic() < deadline, f"{cmd[2]} never started working"
+            assert proc.poll() is None, f"{name} exited before working: {log.read_text()}"
+            assert time.monotonic() < deadline, f"{name} never started working"
             time.sleep(0.01)
         end = time.monotonic() + (delay or 0)
         while proc.poll() is None and (
@@ -76,9 +92,11 @@ def _kill_chain(cmd: list[str], log: Path, banner: str, watch: Path, seconds: fl
     """``KILLS`` kills, each at a seeded random moment of the work left, then one run to the
     end; ``check()`` after every kill. Returns what each kill hit."""
     rng, hits = random.Random(SEED), []
+    held = [cmd[0], "-c", HOLD_RENAMES, *cmd[2:]]  # cmd is [python, -m, module, *args]
     for k in range(KILLS):
         delay = None if k == 0 else rng.uniform(0.05, 0.7) * seconds * (1 - done_fraction())
-        assert _run_and_kill(cmd, log, banner, watch, delay), f"kill {k} came after the end"
+        assert _run_and_kill(held if k == 0 else cmd, log, banner, watch, delay), \
+            f"kill {k} came after the end"
         hits.append("mid-write" if _has_temporary(watch) else f"{delay or 0:.2f} s in")
         check()
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
