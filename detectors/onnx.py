@@ -57,9 +57,9 @@ class _Graph(nn.Module):
         m.roi_heads.text_embeddings = F.normalize(text_embeddings, dim=-1)
         m.roi_heads.score_thresh = score_threshold
         images = ImageList(image, [(self.size, self.size)])
-        features = m.backbone(image)
+        features, vlm_features = m.features(image)
         proposals, _ = m.rpn(images, features)
-        det = m.roi_heads(features, proposals, images.image_sizes)[0]
+        det = m.roi_heads(features, proposals, images.image_sizes, vlm_features=vlm_features)[0]
         return tuple(det[k] for k in output_names(m))
 
 
@@ -84,8 +84,6 @@ def export_onnx(student: DetectorStudent, path: str | os.PathLike) -> Path:
     if model.transform.min_size[0] != size:
         raise ValueError("ONNX export needs a student resized to a square size "
                          "(model.image_size sets both sides)")
-    if model.roi_heads.image_head is not None:
-        raise ValueError("ONNX export of ViLD-ensemble students is not supported yet")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     example = torch.zeros(1, 3, size, size)

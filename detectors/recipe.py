@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from detectors import ViLD, build_detector
+from detectors import TOWER_BUILDERS, ViLD, build_detector
 from detectors.augment import hflip_target, large_scale_jitter
 from detectors.inference import evaluate_detector, write_proposals
 from distill.cache import EmbeddingCache, open_cache
+from distill.clip_trunk import load_tower, tower_shape
 from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
 from distill.data.coco import (
     CocoDetection,
@@ -99,9 +100,32 @@ class DistillationSet(torch.utils.data.Dataset):
         return {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
 
 
+def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
+    """``build_detector``'s arguments for ``cfg.model`` without the backbone weights (the
+    export's ``model`` config); a student on the teacher's tower adds the tower's shape, its
+    attention pool's and the teacher's input normalisation."""
+    kwargs = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "backbone_weights"}
+    if cfg.model.name in TOWER_BUILDERS:
+        try:
+            kwargs.update(tower_shape(teacher.model.visual, f"model.name={cfg.model.name}",
+                                      pool=True))
+        except ValueError as e:
+            raise ConfigError(f"{e} (teacher.model: {cfg.teacher.model}); with this teacher "
+                              f"set e.g. model.name=vild_r10_fpn model.norm=gn") from None
+        kwargs.update(image_mean=list(teacher.mean), image_std=list(teacher.std))
+    return kwargs
+
+
 def build_student(cfg: ExperimentConfig, teacher: Teacher) -> ViLD:
-    """The student of ``cfg.model`` for ``teacher``'s embedding size (untrained)."""
-    return build_detector(**dataclasses.asdict(cfg.model), embed_dim=teacher.embed_dim)
+    """The student of ``cfg.model`` for ``teacher``'s embedding size (untrained); one on the
+    teacher's tower (``vild_clip_rn_fpn``) starts from the tower's weights."""
+    model = build_detector(**student_kwargs(cfg, teacher), embed_dim=teacher.embed_dim,
+                           backbone_weights=cfg.model.backbone_weights)
+    if cfg.model.name in TOWER_BUILDERS:
+        vlm = model.roi_heads.vlm
+        load_tower(model.backbone.body, teacher.model.visual,
+                   vlm.pool if vlm is not None else None)
+    return model
 
 
 def load_trained(run_dir: str | Path) -> tuple[ExperimentConfig, Teacher, ViLD]:

@@ -7,7 +7,9 @@ teacher's embedding space. Classification is by cosine similarity with the
 frozen text embeddings of the *current vocabulary* plus one learned background
 embedding, divided by a temperature (0.01 as in ViLD). Box regression is
 class-agnostic. With ``ensemble=True`` a second, image-distilled head scores the
-same RoIs and the two are combined by ViLD-ensemble's geometric rule. With
+same RoIs and the two are combined by ViLD-ensemble's geometric rule; with a
+:class:`RegionVLM` (F-VLM, a frozen CLIP trunk) the second score of each RoI is the
+tower's own: RoIAlign on its last stage, its attention pool, cosine to the names. With
 ``mask_head=True`` torchvision's Mask R-CNN branch (14 x 14 RoIAlign, four convs,
 a deconvolution to 28 x 28) predicts one class-agnostic mask per RoI, as ViLD does:
 it trains on the positive RoIs against their matched ground-truth masks, and every
@@ -57,6 +59,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from distill.backbones import norm_layer
+from distill.clip_trunk import AttentionPool
 from distill.scoring import known_names, reference_probs, take_rows
 
 # model.scoring: how a region's names are scored (EmbeddingRoIHeads.class_probs)
@@ -160,25 +163,45 @@ class EmbeddingHead(nn.Module):
         return embeddings, (self.bbox_pred(x) if self.bbox_pred is not None else None)
 
 
+class RegionVLM(nn.Module):
+    """F-VLM's region embeddings from a frozen CLIP ResNet trunk: each box's RoIAlign on the
+    trunk's last stage (``stage``: its key in the FPN body's outputs, ``stride`` pixels), a
+    ``pool.grid`` x ``pool.grid`` map as the tower's attention pool takes at its pretraining
+    size, through that pool -> (R, D) L2-normalised, as the tower embeds a crop."""
+
+    def __init__(self, pool: AttentionPool, stage: str = "2", stride: int = 32):
+        super().__init__()
+        self.pool, self.stage, self.stride = pool, stage, stride
+        pool.requires_grad_(False)  # the tower's own weights: never trained here
+
+    def forward(self, feature_map: Tensor, boxes: list[Tensor]) -> Tensor:
+        rois = roi_align(feature_map, boxes, self.pool.grid, 1 / self.stride, 2, aligned=True)
+        return F.normalize(self.pool(rois), dim=-1)
+
+
 class EmbeddingRoIHeads(RoIHeads):
     """torchvision ``RoIHeads`` with an embedding classifier (text + background) / temperature.
 
     Reuses torchvision's proposal matching, sampling, box coder and RoI pooling;
     replaces the predictor, the loss (moved to the criterion) and the
-    post-processing (class-agnostic boxes, optional ViLD-ensemble scores). The
+    post-processing (class-agnostic boxes, optional ViLD-ensemble or F-VLM scores). The
     optional Mask R-CNN branch (``mask_roi_pool``, ``mask_head``, ``mask_predictor``
     with one output channel, passed on to ``RoIHeads``) is class-agnostic.
     """
 
     def __init__(self, box_roi_pool: MultiScaleRoIAlign, text_head: EmbeddingHead,
                  image_head: EmbeddingHead | None, embed_dim: int, temperature: float = 0.01,
-                 ensemble_lambda: float = 2 / 3, scoring: str = "reference", **kwargs):
+                 ensemble_lambda: float = 2 / 3, scoring: str = "reference",
+                 vlm: RegionVLM | None = None, **kwargs):
         if scoring not in SCORING:
             raise ValueError(f"model.scoring must be one of {', '.join(SCORING)}, got "
                              f"{scoring!r}")
+        if vlm is not None and image_head is not None:
+            raise ValueError("model.ensemble and model.vlm_fusion: one second score per box, "
+                             "ViLD-ensemble's image head or F-VLM's tower; set one")
         super().__init__(box_roi_pool, box_head=nn.Identity(), box_predictor=nn.Identity(),
                          **kwargs)
-        self.text_head, self.image_head = text_head, image_head
+        self.text_head, self.image_head, self.vlm = text_head, image_head, vlm
         self.temperature, self.ensemble_lambda, self.scoring = temperature, ensemble_lambda, scoring
         self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
         self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
@@ -231,11 +254,21 @@ class EmbeddingRoIHeads(RoIHeads):
         return reference_probs(names, embeddings @ ref.T / self.temperature,
                                known_names(self.text_embeddings, ref))
 
+    def novel(self) -> Tensor:
+        """(C,) bool: the names the ensemble rule treats as novel: those not among the
+        training names (``reference_embeddings``) when the student keeps them, else the
+        vocabulary's flags (``ViLD.set_vocabulary``)."""
+        if len(self.reference_embeddings):
+            return ~known_names(self.text_embeddings, self.reference_embeddings)
+        return self.novel_mask
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         take_rows(self, "reference_embeddings", state_dict, prefix)  # any number of names
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, features, proposals, image_shapes, targets=None, distill_boxes=None):
+    def forward(self, features, proposals, image_shapes, targets=None, distill_boxes=None,
+                vlm_features: Tensor | None = None):
+        """``vlm_features``: the trunk's last stage, for :class:`RegionVLM` (eval only)."""
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
                 proposals, targets)
@@ -253,9 +286,11 @@ class EmbeddingRoIHeads(RoIHeads):
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         embeddings, box_regression = self.text_head(pooled)
         probs = self.class_probs(embeddings)
-        if self.image_head is not None:
-            image_probs = self.name_probs(self.image_head(pooled)[0])
-            probs = ensemble_scores(probs, image_probs, self.novel_mask, self.ensemble_lambda)
+        if self.image_head is not None or self.vlm is not None:
+            second = (self.image_head(pooled)[0] if self.image_head is not None
+                      else self.vlm(vlm_features, proposals))
+            probs = ensemble_scores(probs, self.name_probs(second), self.novel(),
+                                    self.ensemble_lambda)
         boxes = self.box_coder.decode(box_regression, proposals).reshape(-1, 4)  # (R, 4)
         detections = self.postprocess(probs, boxes, [len(p) for p in proposals], image_shapes)
         if self.has_mask():
@@ -414,17 +449,27 @@ class ViLD(nn.Module):
         if self.vocabulary_size == 0:
             raise ValueError("no vocabulary set: call set_vocabulary(text_embeddings) first")
         image_list, targets, original = self._prepare(images, targets)
-        features = self.backbone(image_list.tensors)
+        features, vlm_features = self.features(image_list.tensors)
         proposals, rpn_losses = self.rpn(image_list, features, targets)
         if distill_boxes is not None:
             distill_boxes = [resize_boxes(b.float(), o, s) for b, o, s in
                              zip(distill_boxes, original, image_list.image_sizes, strict=True)]
         out = self.roi_heads(features, proposals, image_list.image_sizes, targets,
-                             distill_boxes)
+                             distill_boxes, vlm_features)
         if self.training:
             out["rpn_losses"] = rpn_losses
             return out
         return self.transform.postprocess(out, image_list.image_sizes, original)
+
+    def features(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The FPN maps of the batch ``x``, and (F-VLM, eval only) the trunk's last stage for
+        :class:`RegionVLM`: the backbone (torchvision's ``BackboneWithFPN``) run as its body,
+        then its FPN."""
+        vlm = self.roi_heads.vlm
+        if vlm is None or self.training:
+            return self.backbone(x), None
+        stages = self.backbone.body(x)
+        return self.backbone.fpn(stages), stages[vlm.stage]
 
     @torch.no_grad()
     def propose(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -461,11 +506,12 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
                image_mean=(0.485, 0.456, 0.406),
                image_std=(0.229, 0.224, 0.225), mask_head: bool = False,
                scoring: str = "reference", head_convs: int = 0, head_fcs: int = 2,
-               head_norm: str = "none") -> ViLD:
+               head_norm: str = "none", vlm: RegionVLM | None = None) -> ViLD:
     """Compose a ViLD student around ``backbone`` (with ``out_channels`` and FPN maps '0'..).
 
     ``mask_head`` adds the class-agnostic Mask R-CNN branch (its convs as wide as the FPN);
-    ``head_convs``, ``head_fcs``, ``head_norm``: the RoI head's layers (:class:`EmbeddingHead`).
+    ``head_convs``, ``head_fcs``, ``head_norm``: the RoI head's layers (:class:`EmbeddingHead`);
+    ``vlm``: F-VLM's second score of each box (``ensemble_lambda`` its exponents).
     """
     channels = backbone.out_channels
     anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
@@ -487,7 +533,7 @@ def build_vild(backbone: nn.Module, embed_dim: int, *, min_size: int, max_size: 
         pool, EmbeddingHead(channels, 7, embed_dim, hidden, **layers),
         EmbeddingHead(channels, 7, embed_dim, hidden, box_regression=False, **layers)
         if ensemble else None,
-        embed_dim, temperature, ensemble_lambda, scoring,
+        embed_dim, temperature, ensemble_lambda, scoring, vlm,
         fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=box_batch_size_per_image,
         positive_fraction=0.25, bbox_reg_weights=None, score_thresh=box_score_thresh,
         nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img, **masks)

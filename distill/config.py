@@ -181,6 +181,13 @@ class DetectorConfig:
     box_score_thresh: float = 0.001
     box_detections_per_img: int = 100
     rpn_post_nms_top_n_test: int = 300  # ViLD: 300 proposals per image
+    anchor_sizes: list[int] = field(default_factory=list)  # one per FPN map; []: the builder's
+    # the teacher's tower (model.name=vild_clip_rn_fpn, a ResNet teacher) or an ImageNet
+    # ResNet (backbone_weights) frozen: only the FPN and heads train (F-VLM)
+    freeze_trunk: bool = False
+    # F-VLM: each box's score fused with the frozen tower's own (RoIAlign on its last stage,
+    # its attention pool, cosine to the names) by ensemble_lambda's rule (F-VLM: 0.65)
+    vlm_fusion: bool = False
 
 
 @dataclass

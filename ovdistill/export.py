@@ -73,10 +73,8 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
                   "thresholds": {"pixel": saved_pixel_threshold(run)}, **common}
     else:
         model = detection.build_student(cfg, teacher)
-        model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items()
-                     if k != "backbone_weights"}  # the weights are in model.safetensors
-        config = {
-            "task": "detection", "model": model_cfg,
+        config = {  # the backbone's weights are in model.safetensors
+            "task": "detection", "model": detection.student_kwargs(cfg, teacher),
             "input": {"color": "RGB", "scale": "uint8 0-255 or float 0-1",
                       "mean": list(model.transform.image_mean),
                       "std": list(model.transform.image_std), "size": cfg.model.image_size},

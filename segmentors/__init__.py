@@ -11,7 +11,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from distill.backbones import DeepLabV2, resnet_fpn
-from segmentors.clip_trunk import ClipResNetTrunk
+from distill.clip_trunk import ClipResNetTrunk
 from segmentors.model import PixelEmbeddingSegmenter
 
 

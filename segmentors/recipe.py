@@ -38,7 +38,7 @@ from distill.losses import DEFAULT_WEIGHTS, Criterion
 from distill.teacher import Teacher
 from distill.teacher.dense import refine_logits
 from segmentors import PixelEmbeddingSegmenter, build_segmenter
-from segmentors.clip_trunk import load_tower, tower_shape
+from distill.clip_trunk import load_tower, tower_shape
 from segmentors.few_names import few_names
 from segmentors.inference import random_resize_crop, same_size_batches, segment_logits
 

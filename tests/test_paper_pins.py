@@ -21,9 +21,10 @@ import pytest
 from distill.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-# the detector configs (refine_teacher.yaml refines the teacher: CLIPSelf's recipe, not ViLD's)
+# the ViLD detector configs (refine_teacher.yaml refines the teacher: CLIPSelf's recipe;
+# fvlm.yaml is F-VLM's, pinned apart)
 CONFIGS = sorted(p for d in ("coco_ov", "lvis") for p in (REPO / "configs" / d).glob("*.yaml")
-                 if p.name not in ("base.yaml", "refine_teacher.yaml"))
+                 if p.name not in ("base.yaml", "refine_teacher.yaml", "fvlm.yaml"))
 PAPER_BATCH = 256  # vild_resnet.yaml train.train_batch_size
 BATCH = 16  # the configs' total batch: 8 processes x train.batch_size 2 (docs/reproduce.md)
 
@@ -114,6 +115,40 @@ def test_the_short_schedule_keeps_vilds_recipe_but_its_length_and_initialisation
         for key, want, _ in PINS:
             if key not in ("model.backbone_weights", "train.max_iters", "train.schedule.steps"):
                 assert resolved(config, key, (str(short),)) == pytest.approx(want), (config, key)
+
+
+# F-VLM's recipe (Kuo et al., ICLR 2023; DESIGN.md; google-research's fvlm ClipFasterRCNNHead:
+# base_vlm_weight 0.35, novel_vlm_weight 0.65, clip_sim_temp 0.01, the VLM score on the RPN's
+# boxes) -> configs/{coco_ov,lvis}/fvlm.yaml; the rest of the recipe is ViLD's (PINS)
+FVLM = [
+    ("teacher.model", "RN50", "F-VLM R50: CLIP's ResNet-50 tower"),
+    ("teacher.pretrained", "openai", "CLIP's weights"),
+    ("model.name", "vild_clip_rn_fpn", "the detector's trunk is the CLIP tower"),
+    ("model.freeze_trunk", True, "F-VLM: the tower frozen, only the detector heads train"),
+    ("model.norm", "frozen_bn", "frozen: the tower's batch-norm statistics too"),
+    ("model.vlm_fusion", True, "F-VLM: the tower's region score fused at test time"),
+    ("model.ensemble_lambda", 0.65, "base s_det^(1-0.35) s_vlm^0.35, novel s_det^(1-0.65) "
+                                    "s_vlm^0.65"),
+    ("model.temperature", 0.01, "clip_sim_temp 0.01"),
+    ("model.head_convs", 4, "the Fast R-CNN head: 4 convolutions with BN"),
+    ("model.head_norm", "bn", "use_batch_norm"),
+    ("loss.vild_image", 0.0, "no distillation"),
+    ("model.image_size", 1024, "1024 x 1024 with large-scale jitter"),
+    ("data.scale_jitter", [0.1, 2.0], "large-scale jitter 0.1-2.0"),
+]
+
+
+@pytest.mark.parametrize("benchmark", ["coco_ov", "lvis"])
+def test_the_fvlm_configs_keep_fvlms_recipe(benchmark):
+    config = REPO / "configs" / benchmark / "fvlm.yaml"
+    drift = [f"{key}: {resolved(config, key)!r} in the config, F-VLM's {want!r} ({source})"
+             for key, want, source in FVLM if resolved(config, key) != pytest.approx(want)]
+    assert not drift, f"{config.relative_to(REPO)}:\n" + "\n".join(drift)
+    # the benchmark's own settings come with it, as in its ViLD configs
+    vild = REPO / "configs" / benchmark / "vild.yaml"
+    for key in ("data.benchmark", "model.mask_head", "model.box_detections_per_img",
+                "model.box_score_thresh"):
+        assert resolved(config, key) == resolved(vild, key), key
 
 
 # MaskCLIP+'s annotation-free recipe (chongzhou96/MaskCLIP's maskclip_plus anno_free configs,

@@ -1,14 +1,17 @@
 import json
 
+import pytest
+
 from ovdistill import stages as orchestration
 from tools import pipeline
 
+# a random tiny ResNet teacher: the tower students start from its tower
 TINY = ["world.num_train=8", "world.num_val=4", "world.image_size=96", "world.max_objects=3",
-        "teacher.model=tiny_vit", "teacher.model_config=configs/shapes/teacher/tiny_vit.json",
+        "teacher.model=tiny_rn", "teacher.model_config=configs/shapes/teacher/tiny_rn.json",
         "teacher.pretrained=null", "teacher.dense_short_side=0", "train.max_iters=2",
         "train.batch_size=2", "model.image_size=96", "model.hidden=32",
         "model.box_batch_size_per_image=16", "model.rpn_post_nms_top_n_test=20",
-        "seg.name=seg_r10_fpn", "seg.norm=gn"]  # seg_clip_rn_fpn needs a ResNet teacher
+        "seg.name=seg_r10_fpn", "seg.norm=gn"]  # the scratch segmenter: a quicker stage
 
 
 def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, capsys):
@@ -55,7 +58,8 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
             f"cache.root={tmp_path / 'cache'}", *TINY]
     assert ablation.main(args) == 0
     out = capsys.readouterr().out
-    for label in ("ViLD-text", "ViLD-image", "ViLD", "ViLD-ensemble", "teacher on proposals"):
+    for label in ("ViLD-text", "ViLD-image", "ViLD", "ViLD-ensemble", "ViLD-text on the tower",
+                  "ViLD on the tower", "F-VLM (frozen tower, fused)", "teacher on proposals"):
         assert f"| {label} |" in out
     saved = json.loads((tmp_path / "out/ablation.json").read_text())
     assert set(saved["seeds"]) == {"0", "1"}
@@ -76,7 +80,8 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
     assert "| 1 | softmax |" in text and "3-name AP50 / all-names AP50" in text
     # the worlds differ by seed; both seeds' stages sit side by side
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
-    assert stages == sorted(["vild_text", "vild_image", "vild", "vild_ensemble"] * 2)
+    assert stages == sorted(["vild_text", "vild_image", "vild", "vild_ensemble", "vild_text_tower",
+                             "vild_tower", "fvlm"] * 2)
     wall = next(line for line in text.splitlines() if line.startswith("| ablation wall time"))
     assert wall.endswith("| <= 45 | PASS |")  # nothing reused: the tiny run is timed
     # a rerun reuses every stage: its wall time says nothing about the floor
@@ -92,10 +97,19 @@ def test_ablation_floors_hand_computed():
                 "images_per_s": speed}
 
     mean = {"vild_text": row(0.10), "vild_image": row(0.2), "vild": row(0.25, 30.0),
-            "vild_ensemble": row(0.24), "teacher": row(0.30, 1.0)}
-    got = {what: (round(v, 4), ok) for what, v, _, ok in orchestration.ablation_floors(mean, 50 * 60)}
-    assert list(got.values()) == [(2.5, True), (-1.0, False), (0.8333, True), (30.0, True),
-                                  (50.0, False)]
+            "vild_ensemble": row(0.24), "vild_text_tower": row(0.22), "vild_tower": row(0.28, 25.0),
+            "fvlm": row(0.26), "teacher": row(0.30, 1.0)}
+    seeds = {0: {"vild_text_tower": row(0.20), "vild_tower": row(0.30)},
+             1: {"vild_text_tower": row(0.24), "vild_tower": row(0.26)}}
+    got = [(what, round(v, 4), ok)
+           for what, v, _, ok in orchestration.ablation_floors(mean, 50 * 60, seeds)]
+    # the best student is ViLD on the tower (0.28 / 0.30); F-VLM the better second score
+    assert [g[1:] for g in got] == [(0.9333, True), (6.0, True), (2.0, True), (1.0, True),
+                                    (25.0, True), (50.0, False)]
+    assert "ViLD on the tower" in got[0][0] and "F-VLM" in got[3][0]
+    seeds[1]["vild_tower"] = row(0.23)  # one seed where distillation loses
+    assert orchestration.ablation_floors(mean, 50 * 60, seeds)[2][1:] == pytest.approx(
+        (-1.0, "> 0", False))
 
 
 def test_few_names_floors_hand_computed(monkeypatch):

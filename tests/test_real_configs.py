@@ -114,8 +114,12 @@ def _detector_steps(bench: str, tmp_path: Path) -> dict[str, dict]:
     detection.write_split_proposals(text, "train", progress=False)
     assert extract.main(["--config", str(REPO / f"configs/{bench}/extract.yaml"), *TINY, *common,
                          f"output_dir={out / 'extract'}", "--no-progress"]) == 0
-    for name in ("vild", "vild_ensemble"):
-        cfg = _cfg(f"configs/{bench}/{name}.yaml", tmp_path, *common, f"output_dir={out / name}")
+    for name in ("vild", "vild_ensemble", "fvlm"):
+        # F-VLM's trunk is a ResNet teacher's tower: the tiny ResNet one here
+        tower = [f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_rn.json'}",
+                 "teacher.model=tiny_rn"] if name == "fvlm" else []
+        cfg = _cfg(f"configs/{bench}/{name}.yaml", tmp_path, *common, *tower,
+                   f"output_dir={out / name}")
         metrics[name] = detection.train(cfg, progress=False)
         assert (out / name / "model_final.safetensors").is_file()
     return metrics

@@ -94,7 +94,7 @@ def test_clip_trunk_is_the_open_clip_tower_and_loads_its_weights():
     with the tower's own weights (batch-norm statistics included); other towers are refused."""
     from open_clip.modified_resnet import ModifiedResNet
 
-    from segmentors.clip_trunk import ClipResNetTrunk, load_tower, tower_shape
+    from distill.clip_trunk import ClipResNetTrunk, load_tower, tower_shape
 
     torch.manual_seed(0)
     tower = ModifiedResNet(layers=[1, 2, 1, 1], output_dim=8, heads=2, image_size=64, width=16)
