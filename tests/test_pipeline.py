@@ -71,7 +71,7 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
     assert text.startswith("# Results\n\nkept above\n") and text.endswith("\nkept below\n")
     assert "old" not in text and text.count("<!-- ablation -->") == 1
     assert "python -m tools.ablation --no-progress --seeds 0 1" in text
-    assert "World seed 1:" in text and "| ViLD images/s / teacher-on-proposals images/s |" in text
+    assert "World seed 1:" in text and "images/s / teacher-on-proposals images/s |" in text
     # the ViLD student's 3-name measure, with the default scoring and with ViLD's softmax
     for seed in ("0", "1"):
         few = saved["seeds"][seed]["vild"]["few_names"]

@@ -3,11 +3,11 @@
     python -m tools.ablation [--config configs/shapes/pipeline.yaml] [--seeds 0 1]
                              [--results docs/results.md] [key=value ...]
 
-For each world seed (``world.seed``): ViLD-text (whose RPN proposes for the
-rest), proposals, the teacher's region cache, ViLD-image, ViLD, ViLD-ensemble,
-and the teacher classifying the RPN's proposals (ViLD's "CLIP on cropped
-regions"). The stages are the main job's (``tools/pipeline.py``): seed 0's
-ViLD-text and ViLD are reused from it, and a rerun reuses everything.
+For each world seed (``world.seed``): ViLD-text on a scratch ResNet-10 (whose RPN
+proposes for the rest), proposals, the teacher's region cache, ViLD-image, ViLD,
+ViLD-ensemble, ViLD-text and ViLD on the teacher's tower, F-VLM, and the teacher
+classifying the RPN's proposals (ViLD's "CLIP on cropped regions"). The stages are
+the main job's kind (``ovdistill/stages.py``); a rerun reuses everything.
 
 Seeds run side by side, ``--jobs`` at a time (default: one per 1 CPU core, at most
 one per seed), each process with cores / jobs threads: these small students are
