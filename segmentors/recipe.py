@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from distill.cache import open_cache
+from distill.clip_trunk import load_tower, tower_shape
 from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
 from distill.data.coco import dataset_paths, detection_set, read_instances
 from distill.data.semantic import (
@@ -38,7 +39,6 @@ from distill.losses import DEFAULT_WEIGHTS, Criterion
 from distill.teacher import Teacher
 from distill.teacher.dense import refine_logits
 from segmentors import PixelEmbeddingSegmenter, build_segmenter
-from distill.clip_trunk import load_tower, tower_shape
 from segmentors.few_names import few_names
 from segmentors.inference import random_resize_crop, same_size_batches, segment_logits
 

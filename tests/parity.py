@@ -11,6 +11,10 @@ between two scores (:func:`threshold_between`), never on one.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 SCORE_TOL = 1e-5  # two runtimes' scores of one detection differ by ~1e-7 here; 100x margin
@@ -128,3 +132,16 @@ def assert_same_label_maps(got: np.ndarray, ref: np.ndarray, model, image,
         f"{int(differ.sum())} pixels differ, {int((margin[differ] >= PIXEL_TOL).sum())} of them "
         f"with a margin >= {PIXEL_TOL} between the two best scores or the best and the "
         f"threshold (largest {float(margin[differ].max()):.2e})")
+
+
+def without_open_clip(code: str) -> str:
+    """Run the Python ``code`` in a fresh interpreter where any import of open_clip fails (an
+    exported student must not need it); its stdout, stripped. The run must succeed and leave
+    open_clip unimported."""
+    guard = "import sys\nsys.modules['open_clip'] = None  # importing open_clip now fails\n"
+    check = ("\nassert 'open_clip' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    done = subprocess.run([sys.executable, "-c", guard + code + check],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()

@@ -15,7 +15,7 @@ from distill.data.semantic import ADE20K_CLASSES, DatasetError, ade20k
 from ovdistill import stages as orchestration
 from segmentors import build_segmenter
 from segmentors import recipe as segmentation
-from tests.parity import assert_same_label_maps
+from tests.parity import assert_same_label_maps, without_open_clip
 from tools import seg_ablation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,9 +224,6 @@ def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
 
 
 def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_path, threads):
-    import subprocess
-    import sys
-
     from distill.engine import load_weights
     from distill.teacher import Teacher
     from segmentors import load_student
@@ -295,14 +292,10 @@ def test_exported_segmenter_round_trip_onnx_and_no_open_clip(tiny_world, tmp_pat
     from distill.export import ExportError
     with pytest.raises(ExportError, match="task 'segmentation', not a detection student"):
         load_detector(out)
-    code = ("import sys\nsys.modules['open_clip'] = None\n"
-            "from segmentors import load_student\n"
-            f"r = load_student({str(out)!r}).predict({str(image)!r})\n"
-            "print(r['labels'].shape[0])\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout.strip()) == pixels.shape[0]
+    rows = without_open_clip(f"from segmentors import load_student\n"
+                             f"r = load_student({str(out)!r}).predict({str(image)!r})\n"
+                             f"print(r['labels'].shape[0])")
+    assert int(rows) == pixels.shape[0]
 
 
 def test_pixel_targets_from_the_dense_cache_equal_the_online_ones(tiny_world, monkeypatch):
@@ -350,9 +343,6 @@ def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_cli
     """seg.name=seg_clip_rn_fpn: the student's trunk is the ResNet teacher's tower at the start;
     it trains, and its export (CLIP normalisation, tower shape in config.json) predicts as the
     trained model does, in PyTorch without open_clip and in ONNX Runtime."""
-    import subprocess
-    import sys
-
     from distill.config import ConfigError
     from distill.engine import load_weights
     from distill.teacher import Teacher
@@ -386,13 +376,10 @@ def test_clip_trunk_student_starts_from_the_teacher_and_exports_without_open_cli
     np.testing.assert_array_equal(found, want)
     assert_same_label_maps(OnnxSegmenter(out, threads=threads).predict(pixels)["labels"], found,
                            student.model, pixels)
-    code = ("import sys\nsys.modules['open_clip'] = None\n"
-            "from segmentors import load_student\n"
-            f"print(load_student({str(out)!r}).predict({str(image)!r})['labels'].sum())\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout.strip()) == int(found.sum())
+    total = without_open_clip(f"from segmentors import load_student\n"
+                              f"print(load_student({str(out)!r}).predict({str(image)!r})"
+                              f"['labels'].sum())")
+    assert int(total) == int(found.sum())
     vit = load_config(REPO / "configs/shapes/seg_supervised.yaml",
                       [f"world.root={tiny_world / 'world'}", *TINY, "teacher.model=tiny_vit",
                        f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
