@@ -117,7 +117,8 @@ def vild_clip_rn_fpn(embed_dim: int, *, trunk_layers: list[int], trunk_width: in
     vlm = (RegionVLM(AttentionPool(pool_grid, trunk.channels[-1], pool_heads, embed_dim))
            if vlm_fusion else None)
     return build_vild(backbone, embed_dim, min_size=image_size, max_size=image_size,
-                      anchor_sizes=_anchors(anchor_sizes, SMALL_ANCHORS), featmap_names=("0", "1", "2"), image_mean=image_mean,
+                      anchor_sizes=_anchors(anchor_sizes, SMALL_ANCHORS),
+                      featmap_names=("0", "1", "2"), image_mean=image_mean,
                       image_std=image_std, vlm=vlm, **kwargs)
 
 
