@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.cache import EmbeddingCache, bytes_per_region
+from distill.config import atomic_write
 from distill.teacher import Teacher, build_teacher
 from distill.teacher.dense import dense_stride
 
@@ -346,7 +347,7 @@ def accuracy(config: str, refined: str | None, out: str | None) -> int:
         print(f"| {name} | {r['crop_top1']:.3f} | {r['dense_top1']:.3f} | {r['cosine']:.3f} | "
               f"{r['dense_input'][0]} px |")
     if out:
-        Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write(out, json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                           "FAIL " + ", ".join(f"{t}: {k}" for t, k in fails)))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": settings, "floors": FLOORS,
+        atomic_write(args.json, json.dumps({"settings": settings, "floors": FLOORS,
                                                "results": results}, indent=1) + "\n")
     return 0
 

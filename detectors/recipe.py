@@ -24,7 +24,7 @@ from detectors import TOWER_BUILDERS, ViLD, build_detector
 from detectors.augment import hflip_target, large_scale_jitter
 from detectors.inference import evaluate_detector, write_proposals
 from distill.cache import EmbeddingCache, open_cache
-from distill.clip_trunk import load_tower, tower_shape
+from distill.clip_trunk import load_tower, tower_kwargs
 from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
 from distill.data.coco import (
     CocoDetection,
@@ -106,13 +106,7 @@ def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
     attention pool's and the teacher's input normalisation."""
     kwargs = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "backbone_weights"}
     if cfg.model.name in TOWER_BUILDERS:
-        try:
-            kwargs.update(tower_shape(teacher.model.visual, f"model.name={cfg.model.name}",
-                                      pool=True))
-        except ValueError as e:
-            raise ConfigError(f"{e} (teacher.model: {cfg.teacher.model}); with this teacher "
-                              f"set e.g. model.name=vild_r10_fpn model.norm=gn") from None
-        kwargs.update(image_mean=list(teacher.mean), image_std=list(teacher.std))
+        kwargs.update(tower_kwargs(teacher, "model", cfg.model.name, "vild_r10_fpn", pool=True))
     return kwargs
 
 

@@ -135,6 +135,21 @@ def tower_shape(visual: nn.Module, key: str = "seg.name=seg_clip_rn_fpn",
     return shape
 
 
+def tower_kwargs(teacher, section: str, name: str, fallback: str, pool: bool = False) -> dict:
+    """A student builder's arguments for starting from ``teacher``'s (a
+    :class:`distill.teacher.Teacher`) ResNet tower: :func:`tower_shape` and the teacher's
+    input normalisation. Another tower is a ConfigError naming ``section``.name=``name`` and
+    suggesting ``fallback``, a builder that needs no tower."""
+    from distill.config import ConfigError
+
+    try:
+        shape = tower_shape(teacher.model.visual, f"{section}.name={name}", pool)
+    except ValueError as e:
+        raise ConfigError(f"{e} (teacher.model: {teacher.model_name}); with this teacher set "
+                          f"e.g. {section}.name={fallback} {section}.norm=gn") from None
+    return {**shape, "image_mean": list(teacher.mean), "image_std": list(teacher.std)}
+
+
 def load_tower(trunk: nn.Module, visual: nn.Module, pool: AttentionPool | None = None) -> None:
     """Copy ``visual``'s (an open_clip ``ModifiedResNet``) weights into ``trunk`` (and its
     attention pool into ``pool``); every tensor of theirs must be there with its shape, or

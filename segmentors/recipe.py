@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from distill.cache import open_cache
-from distill.clip_trunk import load_tower, tower_shape
+from distill.clip_trunk import load_tower, tower_kwargs
 from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
 from distill.data.coco import dataset_paths, detection_set, read_instances
 from distill.data.semantic import (
@@ -81,12 +81,7 @@ def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
     kwargs = {"name": s.name, "fpn_channels": s.fpn_channels, "norm": s.norm,
               "temperature": s.temperature}
     if s.name == "seg_clip_rn_fpn":
-        try:
-            kwargs.update(tower_shape(teacher.model.visual))
-        except ValueError as e:
-            raise ConfigError(f"{e} (teacher.model: {cfg.teacher.model}); with this teacher "
-                              f"set e.g. seg.name=seg_r10_fpn seg.norm=gn") from None
-        kwargs.update(image_mean=list(teacher.mean), image_std=list(teacher.std))
+        kwargs.update(tower_kwargs(teacher, "seg", s.name, "seg_r10_fpn"))
     return kwargs
 
 
