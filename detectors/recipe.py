@@ -23,9 +23,10 @@ import torch
 from detectors import TOWER_BUILDERS, ViLD, build_detector
 from detectors.augment import hflip_target, large_scale_jitter
 from detectors.inference import evaluate_detector, write_proposals
+from distill.baron import GRID, PseudoWords, bag_outputs, bag_seeds, drop_words, sample_bags
 from distill.cache import EmbeddingCache, open_cache
 from distill.clip_trunk import load_tower, tower_kwargs
-from distill.config import ConfigError, ExperimentConfig, atomic_write, save_config
+from distill.config import BagConfig, ConfigError, ExperimentConfig, atomic_write, save_config
 from distill.data.coco import (
     CocoDetection,
     DatasetError,
@@ -44,7 +45,11 @@ class DistillationSet(torch.utils.data.Dataset):
     """Training samples: image, targets in the base vocabulary, cached proposals + embeddings.
 
     ``min_objectness`` > 0 keeps only the cached proposals whose RPN objectness is at
-    least that; ``distill_per_image`` > 0 then draws that many of them per step. Each
+    least that; ``distill_per_image`` > 0 then draws that many of them per step. With
+    ``bags`` (``loss.bags``, BARON) each sample also holds ``bags``: bags of regions drawn
+    around its cached proposals and ground-truth boxes after the augmentation
+    (:func:`distill.baron.sample_bags`, dict of :class:`distill.baron.Bags` plus ``words``,
+    the kept pseudo-words (S, 9, words) after word dropout). Each
     sample is flipped (p=0.5) and, with ``scale_jitter`` (low, high), large-scale jittered
     to ``size`` x ``size`` (:func:`detectors.augment.large_scale_jitter`: ground-truth
     boxes, masks and the cached boxes with their embeddings move together). Flips, jitter
@@ -55,7 +60,8 @@ class DistillationSet(torch.utils.data.Dataset):
 
     def __init__(self, data: CocoDetection, cache: EmbeddingCache | None, flip: bool = True,
                  distill_per_image: int = 0, min_objectness: float = 0.0,
-                 scale_jitter: list[float] | None = None, size: int = 0):
+                 scale_jitter: list[float] | None = None, size: int = 0,
+                 bags: BagConfig | None = None):
         if scale_jitter and (len(scale_jitter) != 2 or not 0 < scale_jitter[0] <=
                              scale_jitter[1] or size <= 0):
             raise ConfigError(f"data.scale_jitter: [low, high] with 0 < low <= high, or [] "
@@ -63,6 +69,7 @@ class DistillationSet(torch.utils.data.Dataset):
         self.data, self.cache, self.flip = data, cache, flip
         self.distill_per_image, self.min_objectness = distill_per_image, min_objectness
         self.scale_jitter, self.size = (tuple(scale_jitter) if scale_jitter else None), size
+        self.bags = bags
 
     def __len__(self) -> int:
         return len(self.data)
@@ -74,11 +81,12 @@ class DistillationSet(torch.utils.data.Dataset):
         s = self.data[i]
         image = s["image"]
         target = {k: s[k] for k in ("boxes", "labels", "masks") if k in s}
-        distill = None
+        distill = sources = None
         if self.cache is not None:
             rec = self.cache.get(s["image_id"])
             distill = {"boxes": torch.as_tensor(rec["boxes"]),
                        "embeddings": torch.as_tensor(rec["embeddings"])}
+            sources = {"boxes": distill["boxes"], "scores": torch.as_tensor(rec["scores"])}
             if self.min_objectness > 0:
                 keep = torch.as_tensor(rec["scores"]) >= self.min_objectness
                 distill = {key: v[keep] for key, v in distill.items()}
@@ -86,18 +94,35 @@ class DistillationSet(torch.utils.data.Dataset):
             if 0 < k < len(distill["boxes"]):
                 pick = torch.randperm(len(distill["boxes"]), generator=generator)[:k]
                 distill = {key: v[pick] for key, v in distill.items()}
+        moved = [target] + [t for t in (distill, sources) if t is not None]
         if self.flip and torch.rand((), generator=generator) < 0.5:
-            w = image.shape[-1]
             image = image.flip(-1)
-            target = hflip_target(target, w)
-            if distill is not None:
-                distill = hflip_target(distill, w)
+            moved = [hflip_target(t, image.shape[-1]) for t in moved]
         if self.scale_jitter is not None:
-            both = [target] if distill is None else [target, distill]
-            image, both = large_scale_jitter(image, both, self.size, self.scale_jitter,
-                                             generator)
-            target, distill = both[0], (both[1] if distill is not None else None)
-        return {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
+            image, moved = large_scale_jitter(image, moved, self.size, self.scale_jitter,
+                                              generator)
+        target, distill = moved[0], (moved[1] if distill is not None else None)
+        out = {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
+        if self.bags is not None and sources is not None:
+            out["bags"] = self._bags(moved[-1], target, image.shape[-2:], generator)
+        return out
+
+    def _bags(self, sources: dict, target: dict, size, generator) -> dict:
+        c = self.bags
+        boxes, scores = sources["boxes"].float(), sources["scores"].float()
+        if c.with_gt:
+            gt = target["boxes"].float()
+            boxes, scores = torch.cat([boxes, gt]), torch.cat([scores, torch.ones(len(gt))])
+        h, w = int(size[0]), int(size[1])
+        seeds = bag_seeds(boxes, scores, h, w, min_objectness=c.min_objectness,
+                          nms_iou=c.nms_iou, shape_ratio=c.shape_ratio, area_ratio=c.area_ratio)
+        bags = sample_bags(seeds, h, w, generator, GRID, max_groups=c.max_groups,
+                           max_permutations=c.max_permutations, alpha=c.alpha,
+                           base_probability=c.base_probability, cut_off=c.cut_off,
+                           interval=c.interval).as_dict()
+        kept = torch.ones(len(bags["members"]) * GRID, c.words, dtype=torch.bool)
+        bags["words"] = drop_words(kept, c.word_dropout, generator).view(-1, GRID, c.words)
+        return bags
 
 
 def student_kwargs(cfg: ExperimentConfig, teacher: Teacher) -> dict:
@@ -168,18 +193,47 @@ def evaluate(model: ViLD, teacher: Teacher, val: CocoDetection, out_dir: Path | 
                              progress=progress)
 
 
-def training_step(criterion, distill: bool):
+def training_step(criterion, distill: bool, teacher: Teacher | None = None):
     """``loss_fn(model, batch)`` for the engine: a batch of :class:`DistillationSet` samples
     (on the training device) through the student, the cached teacher embeddings of its
-    ``distill`` boxes as targets (``distill``), into ``criterion``."""
+    ``distill`` boxes as targets (``distill``), into ``criterion``. With ``teacher`` (BARON,
+    ``loss.bag``), the student also embeds each sample's bag boxes, in the same pass as the
+    cached ones, and :func:`distill.baron.bag_outputs` makes the bag loss's inputs."""
     def loss_fn(model, batch):
         images, targets = [b["image"] for b in batch], [b["target"] for b in batch]
-        if not distill:
+        if not distill and teacher is None:
             return criterion(model(images, targets))
-        outputs = model(images, targets, [b["distill"]["boxes"] for b in batch])
-        return criterion(outputs, {
-            "distill_targets": torch.cat([b["distill"]["embeddings"] for b in batch])})
+        cached = [b["distill"]["boxes"] if distill else b["image"].new_zeros(0, 4).float()
+                  for b in batch]
+        bags = [b["bags"]["boxes"] for b in batch] if teacher is not None else \
+            [c[:0] for c in cached]
+        outputs = model(images, targets, [torch.cat([c.float(), g.float()])
+                                          for c, g in zip(cached, bags, strict=True)])
+        split = outputs.pop("distill_embeddings").split(
+            [n for c, g in zip(cached, bags, strict=True) for n in (len(c), len(g))])
+        extra = {}
+        if distill:
+            outputs["distill_embeddings"] = torch.cat(split[0::2])
+            extra["distill_targets"] = torch.cat([b["distill"]["embeddings"] for b in batch])
+        if teacher is not None:
+            outputs.update(bag_outputs(criterion.words, teacher, images, list(split[1::2]),
+                                       [b["bags"] for b in batch],
+                                       [b["image_id"] for b in batch]))
+        return criterion(outputs, extra)
     return loss_fn
+
+
+def build_bag_words(cfg: ExperimentConfig, teacher: Teacher) -> PseudoWords | None:
+    """BARON's pseudo-word module for ``cfg.loss.bags`` (None with ``loss.bag`` 0); a bag of
+    9 regions must fit the teacher's text context."""
+    if not cfg.loss.bag:
+        return None
+    words = cfg.loss.bags.words
+    if words < 1 or GRID * words + 2 > teacher.context_length:
+        raise ConfigError(f"loss.bags.words: {GRID} regions x {words} words + start and end "
+                          f"must fit the teacher's text context of {teacher.context_length} "
+                          f"tokens (at most {(teacher.context_length - 2) // GRID} words)")
+    return PseudoWords(teacher.embed_dim, teacher.word_width, words)
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
@@ -199,23 +253,25 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     else:
         model.set_training_vocabulary(teacher.text(data.names))
         instances, _ = dataset_paths(cfg, "train")
-        cache = open_cache(cfg, teacher.fingerprint, instances) if cfg.loss.vild_image > 0 \
-            else None
+        cache = open_cache(cfg, teacher.fingerprint, instances) \
+            if cfg.loss.vild_image > 0 or cfg.loss.bag > 0 else None
         save_config(cfg, out / "config.yaml")
         if data.skipped or val.skipped:
             atomic_write(out / "skipped.json", json.dumps(
                 {"train": data.skipped, "val": val.skipped}, indent=1) + "\n")
             print(f"data.on_error=skip: left out {len(data.skipped)} train and "
                   f"{len(val.skipped)} val records or images, listed in {out / 'skipped.json'}")
-        criterion = build_criterion(**dataclasses.asdict(cfg.loss))
-
-        loss_fn = training_step(criterion, distill=cache is not None)
+        criterion = build_criterion(**dataclasses.asdict(cfg.loss),
+                                    words=build_bag_words(cfg, teacher))
+        loss_fn = training_step(criterion, distill=cfg.loss.vild_image > 0,
+                                teacher=teacher if cfg.loss.bag > 0 else None)
 
         periodic = (lambda m: evaluate(m, teacher, val, None, False)) if cfg.train.eval_period \
             else None
         samples = DistillationSet(data, cache, distill_per_image=cfg.data.distill_per_image,
                                   min_objectness=cfg.data.distill_min_objectness,
-                                  scale_jitter=cfg.data.scale_jitter, size=cfg.model.image_size)
+                                  scale_jitter=cfg.data.scale_jitter, size=cfg.model.image_size,
+                                  bags=cfg.loss.bags if cfg.loss.bag > 0 else None)
         train_loop(model, loss_fn, samples, cfg.train, out, criterion=criterion,
                    collate_fn=collate, evaluate=periodic, resume=resume, progress=progress)
     metrics = evaluate(model, teacher, val, out / "eval", progress)

@@ -237,22 +237,48 @@ class SegmenterConfig:
 
 
 @dataclass
+class BagConfig:
+    """BARON's bags of regions (distill/baron.py), for ``loss.bag`` > 0; the defaults are
+    BARON's (wusize/ovdet's COCO recipe)."""
+
+    words: int = 6  # pseudo-words per region; a bag of 9 regions must fit the text context
+    word_dropout: float = 0.5  # each word dropped with this chance (a region keeps one)
+    temperature: float = 0.0333  # logits x 30
+    queue: int = 1024  # past bags kept as negatives, of each side
+    # the proposals bags grow around: the cached ones (and the ground-truth boxes, with_gt)
+    # with objectness above min_objectness, width / height in (shape_ratio, 1 / shape_ratio),
+    # more than area_ratio inside the image, then NMS at nms_iou
+    min_objectness: float = 0.85
+    shape_ratio: float = 0.25
+    area_ratio: float = 0.01
+    nms_iou: float = 0.1
+    with_gt: bool = True
+    # each grows into max_groups groups of its 3 x 3 neighbourhood, each read in
+    # max_permutations orders (distill.baron.neighbourhood_bags)
+    max_groups: int = 3
+    max_permutations: int = 2
+    alpha: float = 3.0
+    base_probability: float = 0.3
+    cut_off: float = 0.3
+    interval: float = -0.1
+
+
+@dataclass
 class LossConfig:
-    """Loss weights (0 disables a loss) and region-word settings (distill/losses.py).
+    """Loss weights (0 disables a loss) and BARON's bag settings (distill/losses.py).
 
     Variants: ViLD-text ``vild_image: 0``; ViLD-image ``vild_text: 0`` (box_reg kept);
-    ViLD = defaults; + region-word ``region_word: 0.1``.
+    ViLD = defaults; + BARON's bag-of-regions ``bag: 1.0``.
     """
 
     vild_text: float = 1.0
     box_reg: float = 1.0
     vild_image: float = 0.5  # ViLD R50 weight; the L1 is summed over dimensions
-    region_word: float = 0.0
+    bag: float = 0.0  # BARON's bag-of-regions alignment (BARON: 1.0)
     objectness: float = 1.0
     rpn_box_reg: float = 1.0
     mask: float = 1.0  # mask BCE; computed only for a student with model.mask_head
-    queue_size: int = 1024  # BARON: 1024 queued negatives
-    region_word_temperature: float = 0.02  # BARON single-region temperature 50
+    bags: BagConfig = field(default_factory=BagConfig)
 
 
 @dataclass

@@ -562,7 +562,10 @@ def train(
     model.to(device).train()
     if criterion is not None:
         criterion.to(device).train()
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    # a criterion's own trainable parts (BARON's pseudo-word map) train with the model
+    own = [p for p in criterion.parameters() if p.requires_grad] if criterion is not None else []
+    params = [*model.parameters(), *own]
+    optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
     dtype = getattr(torch, cfg.amp_dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dtype == torch.float16)
@@ -605,9 +608,14 @@ def train(
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
+            if own and world > 1:  # DDP averages the model's gradients, not the criterion's
+                for p in own:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
             if cfg.clip_grad_norm > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

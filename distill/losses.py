@@ -24,6 +24,11 @@ D embedding dim):
 - ``mask_logits`` (M, 1, S, S) class-agnostic mask logits of the M positive RoIs and
   ``mask_targets`` (M, S, S) their matched ground-truth masks cropped and resized to the
   RoI (in [0, 1]); only a student with a mask head returns them
+- ``bag_embeddings`` (S, D) L2-normalised: the text tower's reading of the student's
+  pseudo-words of S bags of regions (BARON, :mod:`distill.baron`); ``bag_targets`` (S, D)
+  the teacher's embeddings of their enclosing boxes; ``bag_groups`` (S,) int64, bags with
+  the same enclosing box share a group (none is the other's negative); ``bag_image_ids``
+  (S,) the image of each bag (queued bags of that image are no negatives)
 
 Segmenters (B images; student maps h x w, teacher maps and labels H x W; MaskCLIP+):
 
@@ -54,12 +59,12 @@ __all__ = [
     "EmbeddingQueue",
     "MissingOutputError",
     "SEG_WEIGHTS",
+    "bag_loss",
     "box_regression_loss",
     "build_criterion",
     "mask_loss",
     "pixel_distill_loss",
     "pseudo_label_loss",
-    "region_word_loss",
     "supervised_seg_loss",
     "vild_image_loss",
     "vild_text_loss",
@@ -146,26 +151,44 @@ def vild_image_loss(distill_embeddings: Tensor, distill_targets: Tensor) -> Tens
     return diff.abs().sum(dim=-1).mean()
 
 
-def region_word_loss(
-    region_embeddings: Tensor,
-    labels: Tensor,
-    text_embeddings: Tensor,
-    queue: Tensor | None = None,
-    temperature: float = 0.02,
+def bag_loss(
+    student: Tensor,
+    teacher: Tensor,
+    groups: Tensor,
+    image_ids: Tensor,
+    student_queue: Tensor | None = None,
+    teacher_queue: Tensor | None = None,
+    temperature: float = 1 / 30,
 ) -> Tensor:
-    """Region-word InfoNCE (RegionCLIP/BARON): each foreground RoI against its class word.
+    """BARON's bag-of-regions loss: a symmetric InfoNCE between the student's bag embeddings
+    and the teacher's embeddings of the same bags' enclosing boxes.
 
-    For RoIs with labels > 0: logits (F, C + Q) = e . [text_embeddings (C, D); queue (Q, D)]^T
-    / temperature, target = label - 1; mean cross-entropy. Negatives are the other
-    vocabulary classes and the queued (detached) past teacher region embeddings.
-    region_embeddings (R, D), labels (R,). No foreground RoI gives 0.
+    student (S, D) and teacher (S, D) (detached) L2-normalised, row i the same bag. Student
+    queries: logits (S, S + Q) = student . [teacher; teacher_queue]^T / temperature, target
+    i; teacher queries the same against [student; student_queue]; the loss is the mean of
+    the two cross-entropies. Not negatives (logit -inf): another bag of the same ``groups``
+    id (the same boxes read in another order), and a queued bag of the query's image
+    (``image_ids``). Queues are (Q, D + 1) rows [embedding, image id], detached (BARON's
+    1024 of each side). S = 0 gives 0.
     """
-    keys = text_embeddings if queue is None else torch.cat([text_embeddings, queue.detach()], 0)
-    fg = labels > 0
-    if not bool(fg.any()):
-        return _zero(region_embeddings)
-    logits = region_embeddings[fg] @ keys.to(region_embeddings.dtype).t() / temperature
-    return F.cross_entropy(logits, labels[fg] - 1)
+    if student.shape[0] == 0:
+        return _zero(student)
+    teacher = teacher.detach().to(student.dtype)
+    same = groups[:, None] == groups[None]
+    same.fill_diagonal_(False)
+    target = torch.arange(student.shape[0], device=student.device)
+
+    def one_side(queries: Tensor, keys: Tensor, queue: Tensor | None) -> Tensor:
+        logits = (queries @ keys.t() / temperature).masked_fill(same, float("-inf"))
+        if queue is not None and queue.shape[0]:
+            queue = queue.detach().to(queries.dtype)
+            queued = (queries @ queue[:, :-1].t() / temperature).masked_fill(
+                image_ids.to(queue.dtype)[:, None] == queue[None, :, -1], float("-inf"))
+            logits = torch.cat([logits, queued], dim=1)
+        return F.cross_entropy(logits, target)
+
+    return 0.5 * one_side(student, teacher, teacher_queue) + \
+        0.5 * one_side(teacher, student, student_queue)
 
 
 def _resize_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -349,10 +372,11 @@ class EmbeddingQueue(nn.Module):
         self.count.fill_(min(int(self.count) + x.shape[0], self.size))
 
     def contents(self) -> Tensor:
-        """(n, D) queued embeddings, oldest first."""
+        """(n, D) queued embeddings, oldest first: a copy (a later :meth:`enqueue` leaves it,
+        and the graph of a loss computed from it, as it was)."""
         n, p = int(self.count), int(self.ptr)
         if n < self.size:
-            return self.buffer[:n]
+            return self.buffer[:n].clone()
         return torch.cat([self.buffer[p:], self.buffer[:p]], dim=0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -369,7 +393,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "vild_text": 1.0,
     "box_reg": 1.0,
     "vild_image": 0.5,
-    "region_word": 0.0,  # off unless configured (BARON single-region weight: 0.1)
+    "bag": 0.0,  # BARON's bag-of-regions alignment: off unless configured (BARON: 1.0)
     "objectness": 1.0,
     "rpn_box_reg": 1.0,
     "mask": 1.0,  # only for a student with a mask head (see _OPTIONAL)
@@ -388,7 +412,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "vild_text": ("region_embeddings", "labels", "text_embeddings", "background_embedding"),
     "box_reg": ("box_regression", "regression_targets", "labels"),
     "vild_image": ("distill_embeddings", "distill_targets"),
-    "region_word": ("region_embeddings", "labels", "text_embeddings"),
+    "bag": ("bag_embeddings", "bag_targets", "bag_groups", "bag_image_ids"),
     "objectness": ("rpn_losses",),
     "rpn_box_reg": ("rpn_losses",),
     "pixel_distill": ("pixel_embeddings", "dense_targets"),
@@ -413,14 +437,16 @@ class Criterion(nn.Module):
     module doc for the keys).
 
     ``weights`` override :data:`DEFAULT_WEIGHTS` and :data:`SEG_WEIGHTS` by short name
-    (``vild_text``, ``box_reg``, ``vild_image``, ``region_word``, ``objectness``,
+    (``vild_text``, ``box_reg``, ``vild_image``, ``bag``, ``objectness``,
     ``rpn_box_reg``, ``mask``; ``pixel_distill``, ``pseudo_label``, ``supervised_seg``); an
     unknown name raises ``KeyError``; the segmenter losses are off (absent from ``weights``)
     unless given. :meth:`forward` returns ``{"loss_<name>": weight * loss}`` for
     the nonzero weights only; ``mask`` only when the outputs hold the mask head's
-    ``mask_logits`` (a student without one trains as before). In training mode with
-    ``region_word`` on, ``distill_targets`` are pushed into the negative queue after the
-    loss is computed (MoCo order).
+    ``mask_logits`` (a student without one trains as before). With ``bag`` on, ``words``
+    (:class:`distill.baron.PseudoWords`, trained with the student and checkpointed with
+    the criterion) makes the student's pseudo-words; in training mode each step's bags are
+    queued as negatives after the loss is computed (``bag_queue`` of each side, MoCo order),
+    ``bag_temperature`` divides the logits.
     ``pixel_distill_mode`` ("l1" | "cosine"), ``pixel_distill_reduction`` ("sum" | "mean" over
     D) and ``pseudo_label_threshold`` are passed to :func:`pixel_distill_loss` and
     :func:`pseudo_label_loss`; ``pseudo_label_upsample`` "bilinear" takes the pseudo-labels and
@@ -433,8 +459,9 @@ class Criterion(nn.Module):
     def __init__(
         self,
         weights: dict[str, float] | None = None,
-        queue_size: int = 1024,
-        region_word_temperature: float = 0.02,
+        bag_queue: int = 1024,
+        bag_temperature: float = 1 / 30,
+        words: nn.Module | None = None,
         pixel_distill_mode: str = "l1",
         pseudo_label_threshold: float | None = None,
         pseudo_label_scope: str = "all",
@@ -449,7 +476,8 @@ class Criterion(nn.Module):
         if pixel_distill_mode not in ("l1", "cosine"):
             raise ValueError(f"pixel_distill_mode must be 'l1' or 'cosine', got {pixel_distill_mode!r}")
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}  # segmenter losses only if given
-        self.region_word_temperature = region_word_temperature
+        self.bag_temperature = bag_temperature
+        self.words = words
         self.pixel_distill_mode = pixel_distill_mode
         if pseudo_label_scope not in ("all", "unlabeled"):
             raise ValueError(f"pseudo_label_scope must be 'all' or 'unlabeled', "
@@ -464,7 +492,9 @@ class Criterion(nn.Module):
         self.pseudo_label_scope = pseudo_label_scope
         self.pseudo_label_upsample = pseudo_label_upsample
         self.pixel_distill_reduction = pixel_distill_reduction
-        self.queue = EmbeddingQueue(queue_size)
+        # BARON's queues of past bags, rows [embedding, image id]: student and teacher sides
+        self.student_bags = EmbeddingQueue(bag_queue)
+        self.teacher_bags = EmbeddingQueue(bag_queue)
 
     def _require(self, outputs: dict, name: str) -> None:
         for key in _REQUIRED[name]:
@@ -493,10 +523,10 @@ class Criterion(nn.Module):
             return vild_image_loss(o["distill_embeddings"], o["distill_targets"])
         if name == "mask":
             return mask_loss(o["mask_logits"], o["mask_targets"])
-        if name == "region_word":
-            queue = self.queue.contents() if len(self.queue) else None
-            return region_word_loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
-                                    queue, self.region_word_temperature)
+        if name == "bag":
+            return bag_loss(o["bag_embeddings"], o["bag_targets"], o["bag_groups"],
+                            o["bag_image_ids"], self.student_bags.contents(),
+                            self.teacher_bags.contents(), self.bag_temperature)
         if name == "pixel_distill":
             return pixel_distill_loss(o["pixel_embeddings"], o["dense_targets"],
                                       self.pixel_distill_mode, o.get("dense_valid"),
@@ -537,13 +567,11 @@ class Criterion(nn.Module):
                   if w != 0 and not (n in _OPTIONAL and _REQUIRED[n][0] not in outputs)]
         for name in active:  # fail before computing anything
             self._require(outputs, name)
-        if "region_word" in active and self.training and self.queue.size > 0:
-            if "distill_targets" not in outputs:
-                raise MissingOutputError("loss 'region_word' fills its queue from outputs "
-                                         "'distill_targets', which is missing")
         losses = {f"loss_{n}": self.weights[n] * self.compute(n, outputs) for n in active}
-        if "region_word" in active and self.training and self.queue.size > 0:
-            self.queue.enqueue(outputs["distill_targets"])
+        if "bag" in active and self.training:
+            ids = outputs["bag_image_ids"].to(outputs["bag_targets"].dtype)[:, None]
+            self.student_bags.enqueue(torch.cat([outputs["bag_embeddings"].detach(), ids], 1))
+            self.teacher_bags.enqueue(torch.cat([outputs["bag_targets"], ids], 1))
         return losses
 
 
@@ -551,12 +579,15 @@ class Criterion(nn.Module):
 
 
 def build_criterion(
-    queue_size: int = 1024, region_word_temperature: float = 0.02,
-    pixel_distill_mode: str = "l1", pseudo_label_threshold: float | None = None,
+    bags: dict | None = None, pixel_distill_mode: str = "l1",
+    pseudo_label_threshold: float | None = None, words: nn.Module | None = None,
     **weights: float,
 ) -> Criterion:
-    """``build_criterion(**dataclasses.asdict(cfg.loss))``."""
-    return Criterion(weights, queue_size=queue_size,
-                     region_word_temperature=region_word_temperature,
+    """``build_criterion(**dataclasses.asdict(cfg.loss), words=...)``: the weights, and the
+    bag queue and temperature of ``bags`` (``loss.bags``); ``words``: the student's
+    pseudo-word module when ``bag`` is on (:func:`detectors.recipe.build_bag_words`)."""
+    bags = bags or {}
+    return Criterion(weights, bag_queue=bags.get("queue", 1024),
+                     bag_temperature=bags.get("temperature", 1 / 30), words=words,
                      pixel_distill_mode=pixel_distill_mode,
                      pseudo_label_threshold=pseudo_label_threshold)

@@ -46,7 +46,7 @@ from segmentors import recipe as segmentation
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the students on a scratch ResNet-10, then on the teacher's tower (all from the same cache)
 METHODS = ["vild_text", "vild_image", "vild", "vild_ensemble", "vild_text_tower", "vild_tower",
-           "fvlm", "teacher"]
+           "vild_ensemble_tower", "baron_tower", "fvlm", "teacher"]
 MARK_BEGIN, MARK_END = "<!-- ablation -->", "<!-- /ablation -->"
 SEG_STAGES = {"seg_supervised": "base-only student", "seg_distill": "pixel-distilled student",
           "seg_distill_pseudo": "pixel-distilled + pseudo-labels",
@@ -63,7 +63,8 @@ SEG_KEYS = ("mIoU_base", "mIoU_novel", "hIoU", "mIoU", "images_per_s", "mIoU_3na
 STUDENTS = {name: CONFIGS / "shapes" / f"{name}.yaml" for name in METHODS[:-1]}
 LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
           "vild_ensemble": "ViLD-ensemble", "vild_text_tower": "ViLD-text on the tower",
-          "vild_tower": "ViLD on the tower", "fvlm": "F-VLM (frozen tower, fused)",
+          "vild_tower": "ViLD on the tower", "vild_ensemble_tower": "ViLD-ensemble on the tower",
+          "baron_tower": "ViLD + BARON on the tower", "fvlm": "F-VLM (frozen tower, fused)",
           "teacher": "teacher on proposals"}
 
 
@@ -260,7 +261,7 @@ def ablation_floors(mean: dict[str, dict], seconds: float,
     novel = {m: r["AP50_novel"] for m, r in mean.items()}
     students = [m for m in mean if m != "teacher"]
     best = max(students, key=lambda m: novel[m])
-    second = max(("vild_ensemble", "fvlm"), key=lambda m: novel[m])
+    second = max(("vild_ensemble_tower", "fvlm"), key=lambda m: novel[m])
     gap = 100 * (novel["vild_tower"] - novel["vild_text_tower"])
     seeds = per_seed or {0: mean}
     every = min(100 * (r["vild_tower"]["AP50_novel"] - r["vild_text_tower"]["AP50_novel"])
@@ -274,8 +275,12 @@ def ablation_floors(mean: dict[str, dict], seconds: float,
          gap >= 5),
         ("ViLD on the tower - ViLD-text on the tower, novel AP50 (points), worst seed", every,
          "> 0", every > 0),
-        (f"{LABELS[second]} novel AP50 - ViLD novel AP50 (points)",
-         100 * (novel[second] - novel["vild"]), ">= 0", novel[second] >= novel["vild"]),
+        ("ViLD-ensemble novel AP50 - ViLD novel AP50 (points), ResNet-10 students",
+         100 * (novel["vild_ensemble"] - novel["vild"]), ">= 0",
+         novel["vild_ensemble"] >= novel["vild"]),
+        (f"{LABELS[second]} novel AP50 - ViLD on the tower novel AP50 (points)",
+         100 * (novel[second] - novel["vild_tower"]), ">= 0",
+         novel[second] >= novel["vild_tower"]),
         (f"best student ({label}) images/s / teacher-on-proposals images/s", speed, ">= 20",
          speed >= 20),
         ("ablation wall time (minutes)", seconds / 60, "<= 45", seconds <= 45 * 60),

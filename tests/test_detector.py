@@ -258,7 +258,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("name, extra", [
     ("vild_text", []), ("vild", []), ("vild", ["model.ensemble=true"]),
-    ("vild", ["loss.vild_text=0"]), ("vild", ["loss.region_word=0.1"]),
+    ("vild", ["loss.vild_text=0"]), ("vild", ["loss.bag=1.0", "loss.bags.words=1"]),
 ])
 def test_one_training_iteration_per_config(tiny, name, extra):
     root, common = tiny
@@ -272,9 +272,57 @@ def test_one_training_iteration_per_config(tiny, name, extra):
     expected = {"loss_objectness", "loss_rpn_box_reg", "loss_box_reg"}
     expected |= {"loss_vild_text"} if cfg.loss.vild_text else set()
     expected |= {"loss_vild_image"} if cfg.loss.vild_image else set()
-    expected |= {"loss_region_word"} if cfg.loss.region_word else set()
+    expected |= {"loss_bag"} if cfg.loss.bag else set()
     assert expected == {k for k in losses if k.startswith("loss_")}
     assert (out / "eval/metrics.json").is_file() and (out / "model_final.safetensors").is_file()
+
+
+def test_resume_with_every_loss_on_equals_the_uninterrupted_run(tiny, monkeypatch):
+    """ViLD-text, ViLD-image, BARON's bags, the mask head, box and RPN losses all on: a run
+    stopped after its checkpoint at iteration 2 and resumed ends with the uninterrupted run's
+    weights, pseudo-word map and bag queues, bit for bit (the bags are drawn per sample)."""
+    from safetensors.torch import load_file
+
+    root, common = tiny
+
+    def cfg(out):
+        return load_config(REPO / "configs/shapes/vild.yaml", [
+            *common, f"output_dir={out}", "loss.bag=1.0", "loss.bags.words=2",
+            "loss.bags.min_objectness=0.5", "loss.bags.queue=16", "model.mask_head=true",
+            "train.max_iters=4", "train.checkpoint_period=2", "train.batch_size=2",
+            "model.image_size=96", "model.hidden=32", "model.box_batch_size_per_image=16"])
+
+    whole = cfg(root / "whole")
+    detection.train(whole, progress=False)
+    losses = json.loads((root / "whole/metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss_vild_text", "loss_vild_image", "loss_bag", "loss_mask", "loss_box_reg",
+            "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    real = detection.training_step
+
+    def stopping(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def loss_fn(model, batch):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # as a kill after the iteration-2 checkpoint
+            return step(model, batch)
+        return loss_fn
+
+    monkeypatch.setattr(detection, "training_step", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        detection.train(cfg(root / "parts"), progress=False)
+    monkeypatch.undo()
+    detection.train(cfg(root / "parts"), resume=True, progress=False)
+    a = load_file(root / "whole/model_final.safetensors")
+    b = load_file(root / "parts/model_final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    states = [torch.load(root / d / "checkpoints/iter_0000004/state.pt", weights_only=True)
+              for d in ("whole", "parts")]
+    crit = [s["criterion"] for s in states]
+    assert {"words.project.weight", "student_bags.buffer", "teacher_bags.buffer"} <= set(crit[0])
+    assert int(crit[0]["student_bags.count"]) > 0
+    assert all(torch.equal(crit[0][k], crit[1][k]) for k in crit[0])
 
 
 def test_teacher_on_proposals_scores_softmax_times_objectness(tiny, tmp_path):

@@ -144,11 +144,14 @@ def test_engine_moves_detection_batches_and_the_student_runs_on_the_device(cfg, 
 
 
 def test_engine_moves_and_checkpoints_the_criterion(cfg, tmp_path):
-    criterion = Criterion({"region_word": 0.1}, queue_size=4)
+    from distill.baron import PseudoWords
+
+    criterion = Criterion({"bag": 1.0}, bag_queue=4, words=PseudoWords(8, 6))
     model = torch.nn.Linear(3, 1)
 
     def loss_fn(model, batch):
-        assert criterion.queue.buffer.device == CUDA
+        assert criterion.student_bags.buffer.device == CUDA
+        assert criterion.words.project.weight.device == CUDA
         raise Reached
 
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(Reached):

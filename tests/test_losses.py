@@ -15,7 +15,6 @@ from distill.losses import (
     MissingOutputError,
     box_regression_loss,
     build_criterion,
-    region_word_loss,
     vild_image_loss,
     vild_text_loss,
 )
@@ -159,33 +158,6 @@ def test_vild_image_loss_empty_proposals():
     assert s.grad.shape == (0, 2)
 
 
-# --------------------------------------------------------------------------- region-word
-
-
-def test_region_word_loss_by_hand_with_and_without_queue():
-    e = t((1.0, 0.0), (0.0, 1.0), grad=True)  # RoI 0 class 2 (index 1); RoI 1 background
-    labels = torch.tensor([2, 0])
-    # no queue, tau 0.5: logits [2, 0], target 1
-    plain = region_word_loss(e, labels, t(*TEXT), None, temperature=0.5)
-    assert plain.item() == pytest.approx(lse(2.0, 0.0) - 0.0, rel=1e-6)
-    # queue q = (0.6, 0.8): logits [2, 0, 1.2]
-    queued = region_word_loss(e, labels, t(*TEXT), t((0.6, 0.8)), temperature=0.5)
-    assert queued.item() == pytest.approx(lse(2.0, 0.0, 1.2), rel=1e-6)
-    queued.backward()
-    assert e.grad[1].tolist() == [0.0, 0.0]  # background RoI takes no part
-    # default tau 1/50 (logits x 50)
-    default = region_word_loss(e, labels, t(*TEXT))
-    assert default.item() == pytest.approx(lse(50.0, 0.0), rel=1e-6)
-
-
-def test_region_word_loss_no_foreground():
-    e = t((1.0, 0.0), grad=True)
-    loss = region_word_loss(e, torch.tensor([0]), t(*TEXT), t((0.6, 0.8)))
-    assert loss.item() == 0.0
-    loss.backward()
-    assert e.grad.tolist() == [[0.0, 0.0]]
-
-
 # --------------------------------------------------------------------------- queue
 
 
@@ -200,6 +172,9 @@ def test_queue_fifo_order_and_detach():
     q.enqueue(torch.tensor(rows[3:6]))  # 1 and 2 fall out
     assert q.contents().tolist() == rows[2:6] and len(q) == 4
     assert not q.contents().requires_grad
+    held = q.contents()
+    q.enqueue(torch.tensor(rows[6:7]))  # a copy: what a loss read stays as it was
+    assert held.tolist() == rows[2:6]
     q.enqueue(torch.tensor(rows[6:11]))  # more than the size: keep the newest 4
     assert q.contents().tolist() == rows[7:11]
     q.enqueue(torch.zeros(0, 2))
@@ -219,45 +194,30 @@ def test_queue_fifo_order_and_detach():
 def test_criterion_defaults():
     crit = Criterion()
     assert crit.weights == {"vild_text": 1.0, "box_reg": 1.0, "vild_image": 0.5,
-                            "region_word": 0.0, "objectness": 1.0, "rpn_box_reg": 1.0,
+                            "bag": 0.0, "objectness": 1.0, "rpn_box_reg": 1.0,
                             "mask": 1.0}
     losses = crit(outputs())  # no mask head outputs: no mask loss
     assert set(losses) == {"loss_vild_text", "loss_box_reg", "loss_vild_image",
                            "loss_objectness", "loss_rpn_box_reg"}
     assert losses["loss_vild_image"].item() == pytest.approx(0.5 * 1.2, rel=1e-6)
     assert losses["loss_vild_text"].item() == pytest.approx(TEXT_LOSS_T05, rel=1e-6)
-    assert len(crit.queue) == 0  # region-word off: nothing queued
+    assert len(crit.student_bags) == 0 and crit.words is None  # BARON off: nothing queued
 
 
-def test_criterion_applies_weights_and_fills_queue():
-    crit = Criterion({"vild_text": 2.0, "box_reg": 0.5, "vild_image": 0.25, "region_word": 0.1,
-                      "objectness": 3.0, "rpn_box_reg": 0.0}, queue_size=4,
-                     region_word_temperature=0.5)
+def test_criterion_applies_weights():
+    crit = Criterion({"vild_text": 2.0, "box_reg": 0.5, "vild_image": 0.25,
+                      "objectness": 3.0, "rpn_box_reg": 0.0})
     o = outputs()
     losses = crit(o)
-    assert set(losses) == {"loss_vild_text", "loss_box_reg", "loss_vild_image",
-                           "loss_region_word", "loss_objectness"}
+    assert set(losses) == {"loss_vild_text", "loss_box_reg", "loss_vild_image", "loss_objectness"}
     box = (0.5 * 0.05**2 * 9 + (0.5 - 1 / 18) + (1 - 1 / 18)) / 2
     assert losses["loss_vild_text"].item() == pytest.approx(2.0 * TEXT_LOSS_T05, rel=1e-6)
     assert losses["loss_box_reg"].item() == pytest.approx(0.5 * box, rel=1e-6)
     assert losses["loss_vild_image"].item() == pytest.approx(0.25 * 1.2, rel=1e-6)
-    # RoI 0 (0.6, 0.8) class 1 vs [t1, t2] / 0.5: logits [1.2, 1.6], target 0; queue empty
-    assert losses["loss_region_word"].item() == pytest.approx(0.1 * (lse(1.2, 1.6) - 1.2), rel=1e-6)
     assert losses["loss_objectness"].item() == pytest.approx(3.0 * 0.7, rel=1e-6)
     sum(losses.values()).backward()
     assert o["background_embedding"].grad.abs().sum() > 0
     assert o["distill_embeddings"].grad.abs().sum() > 0
-    # the step's teacher targets are now negatives: queue [(0.8, 0.6), (0, 1)]
-    assert crit.queue.contents().flatten().tolist() == pytest.approx([0.8, 0.6, 0.0, 1.0])
-    second = crit(outputs())["loss_region_word"].item()  # logits [1.2, 1.6, 0.96/0.5, 0.8/0.5]
-    assert second == pytest.approx(0.1 * (lse(1.2, 1.6, 1.92, 1.6) - 1.2), rel=1e-5)
-    assert len(crit.queue) == 4  # the second step queued its 2 targets as well
-    crit.queue.enqueue(torch.ones(1, 2))  # full: (0.8, 0.6) falls out
-    before = crit.queue.contents().flatten().tolist()
-    assert before == pytest.approx([0.0, 1.0, 0.8, 0.6, 0.0, 1.0, 1.0, 1.0])
-    crit.eval()
-    crit(outputs())
-    assert crit.queue.contents().flatten().tolist() == before  # evaluation does not enqueue
 
 
 def test_criterion_takes_the_teachers_targets_apart_from_the_model_outputs():
@@ -276,7 +236,7 @@ def test_criterion_takes_the_teachers_targets_apart_from_the_model_outputs():
 
 
 def test_criterion_empty_batch_and_unannotated_images():
-    crit = Criterion({"region_word": 0.1})
+    crit = Criterion()
     empty = outputs(region_embeddings=torch.zeros(0, 2, requires_grad=True),
                     labels=torch.zeros(0, dtype=torch.long),
                     box_regression=torch.zeros(0, 4, requires_grad=True),
@@ -288,13 +248,12 @@ def test_criterion_empty_batch_and_unannotated_images():
                and k != "loss_objectness")
     sum(losses.values()).backward()
     assert empty["background_embedding"].grad.tolist() == [0.0, 0.0]
-    assert len(crit.queue) == 0
 
     # images without annotations: every sampled RoI is background
     bg_only = outputs(labels=torch.zeros(2, dtype=torch.long))
     losses = crit(bg_only)
     assert all(math.isfinite(v.item()) for v in losses.values())
-    assert losses["loss_box_reg"].item() == 0.0 and losses["loss_region_word"].item() == 0.0
+    assert losses["loss_box_reg"].item() == 0.0
     want = ((0.56 + lse(-0.56, 1.2, 1.6)) + (-1.2 + lse(1.2, 2.0, 0.0))) / 2
     assert losses["loss_vild_text"].item() == pytest.approx(want, rel=1e-6)
     sum(losses.values()).backward()
@@ -331,7 +290,8 @@ def test_variants_from_config():
     assert "loss_vild_image" not in vild_text(outputs()) and "loss_vild_text" in vild_text(outputs())
     cfg = LossConfig()
     assert {k: getattr(cfg, k) for k in DEFAULT_WEIGHTS} == DEFAULT_WEIGHTS
-    assert build_criterion(**dataclasses.asdict(cfg)).queue.size == 1024
+    assert build_criterion(**dataclasses.asdict(cfg)).student_bags.size == 1024  # BARON's
+    assert build_criterion(**dataclasses.asdict(cfg)).bag_temperature == pytest.approx(1 / 30, rel=1e-3)
 
 
 # --------------------------------------------------------------------------- ensemble

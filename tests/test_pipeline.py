@@ -81,7 +81,7 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
     # the worlds differ by seed; both seeds' stages sit side by side
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
     assert stages == sorted(["vild_text", "vild_image", "vild", "vild_ensemble", "vild_text_tower",
-                             "vild_tower", "fvlm"] * 2)
+                             "vild_tower", "vild_ensemble_tower", "baron_tower", "fvlm"] * 2)
     wall = next(line for line in text.splitlines() if line.startswith("| ablation wall time"))
     assert wall.endswith("| <= 45 | PASS |")  # nothing reused: the tiny run is timed
     # a rerun reuses every stage: its wall time says nothing about the floor
@@ -98,15 +98,20 @@ def test_ablation_floors_hand_computed():
 
     mean = {"vild_text": row(0.10), "vild_image": row(0.2), "vild": row(0.25, 30.0),
             "vild_ensemble": row(0.24), "vild_text_tower": row(0.22), "vild_tower": row(0.28, 25.0),
-            "fvlm": row(0.26), "teacher": row(0.30, 1.0)}
+            "vild_ensemble_tower": row(0.27), "baron_tower": row(0.275), "fvlm": row(0.29, 25.0),
+            "teacher": row(0.30, 1.0)}
     seeds = {0: {"vild_text_tower": row(0.20), "vild_tower": row(0.30)},
              1: {"vild_text_tower": row(0.24), "vild_tower": row(0.26)}}
     got = [(what, round(v, 4), ok)
            for what, v, _, ok in orchestration.ablation_floors(mean, 50 * 60, seeds)]
-    # the best student is ViLD on the tower (0.28 / 0.30); F-VLM the better second score
-    assert [g[1:] for g in got] == [(0.9333, True), (6.0, True), (2.0, True), (1.0, True),
-                                    (25.0, True), (50.0, False)]
-    assert "ViLD on the tower" in got[0][0] and "F-VLM" in got[3][0]
+    # the best student is F-VLM (0.29 / 0.30), the better second score on the tower too
+    assert [g[1:] for g in got] == [(0.9667, True), (6.0, True), (2.0, True), (-1.0, False),
+                                    (1.0, True), (25.0, True), (50.0, False)]
+    assert "F-VLM" in got[0][0] and "F-VLM" in got[4][0] and "ResNet-10" in got[3][0]
+    mean["fvlm"] = row(0.1)  # now the ensemble on the tower is the better, 1 point short
+    got = orchestration.ablation_floors(mean, 50 * 60, seeds)
+    assert "ViLD on the tower" in got[0][0] and "ViLD-ensemble on the tower" in got[4][0]
+    assert got[4][1:] == pytest.approx((-1.0, ">= 0", False))
     seeds[1]["vild_tower"] = row(0.23)  # one seed where distillation loses
     assert orchestration.ablation_floors(mean, 50 * 60, seeds)[2][1:] == pytest.approx(
         (-1.0, "> 0", False))

@@ -361,6 +361,62 @@ class Teacher(nn.Module):
         _TEXT_CACHE.move_to_end(key)
         return _TEXT_CACHE[key].clone()
 
+    def _text_tower(self) -> tuple[nn.Module, int, int]:
+        """(word embedding, context length, word width) of the text tower; a tokenizer or a
+        tower that reads no start / end token ids (BARON's sentences need them) is refused."""
+        tower = getattr(self.model, "text", self.model)  # CustomTextCLIP keeps it apart
+        embedding = getattr(tower, "token_embedding", None)
+        context = getattr(tower, "context_length", None) or getattr(self.model, "context_length", None)
+        if (embedding is None or context is None or getattr(tower, "cls_emb", None) is not None
+                or not hasattr(self.tokenizer, "sot_token_id")):
+            raise TeacherError(f"teacher {self.model_name}: BARON's pseudo-word sentences need a "
+                               f"CLIP text tower with open_clip's own tokenizer")
+        return embedding, int(context), int(embedding.weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the text tower reads, start and end tokens included (CLIP: 77)."""
+        return self._text_tower()[1]
+
+    @property
+    def word_width(self) -> int:
+        """The width of the text tower's word embeddings (pseudo-words must have it)."""
+        return self._text_tower()[2]
+
+    def pseudo_text(self, words: Tensor, lengths: Tensor) -> Tensor:
+        """BARON's pseudo-word sentences through the frozen text tower: words (S, L, W), the
+        first ``lengths`` (S,) of each row read as the sentence [start, words, end] ->
+        (S, D) L2-normalised, differentiable in ``words`` (the tower gets no gradient).
+
+        The tower runs as for text: its word embedding of the start and end tokens, the
+        pseudo-words in between, then its positions, transformer, final norm and projection
+        at the end token (:meth:`open_clip.CLIP.encode_text`, whose word embedding is swapped
+        for the pseudo-words by a forward hook)."""
+        embedding, context, width = self._text_tower()
+        s, length, w = words.shape
+        if w != width or length + 2 > context:
+            raise ValueError(f"pseudo-words {tuple(words.shape)} do not fit the text tower "
+                             f"(width {width}, at most {context - 2} words)")
+        if s == 0:
+            return words.new_zeros(0, self.embed_dim)
+        lengths = lengths.to(self.device)
+        tokens = torch.zeros(s, context, dtype=torch.long, device=self.device)
+        tokens[:, 0] = self.tokenizer.sot_token_id
+        tokens[torch.arange(s, device=self.device), lengths + 1] = self.tokenizer.eot_token_id
+        slots = torch.zeros(s, context, dtype=torch.bool, device=self.device)
+        slots[:, 1:length + 1] = torch.arange(length, device=self.device) < lengths[:, None]
+        padded = F.pad(words.to(self.device), (0, 0, 1, context - length - 1))
+
+        def swap(module, args, out):
+            return torch.where(slots[..., None], padded.to(out.dtype), out)
+
+        handle = embedding.register_forward_hook(swap)
+        try:
+            out = self.model.encode_text(tokens)
+        finally:
+            handle.remove()
+        return F.normalize(out.float(), dim=-1)
+
     # ------------------------------------------------------------------- images
 
     def normalize(self, image: Tensor) -> Tensor:
