@@ -151,6 +151,39 @@ def test_the_fvlm_configs_keep_fvlms_recipe(benchmark):
         assert resolved(config, key) == resolved(vild, key), key
 
 
+# BARON's bag-of-regions recipe (Wu et al., CVPR 2023; wusize/ovdet's BaronKD config for
+# OV-COCO: bag_weight 1.0, bag_temp 30, num_words 6, words_drop_ratio 0.5, queue lengths 1024,
+# sampling_cfg, use_gt) -> configs/coco_ov/baron.yaml; the detector's recipe is ViLD's (PINS)
+BARON = [
+    ("loss.bag", 1.0, "bag_weight 1.0"),
+    ("loss.bags.temperature", 1 / 30, "bag_temp 30.0 (logits x 30)"),
+    ("loss.bags.words", 6, "num_words 6"),
+    ("loss.bags.word_dropout", 0.5, "words_drop_ratio 0.5"),
+    ("loss.bags.queue", 1024, "queue lengths 1024"),
+    ("loss.bags.min_objectness", 0.85, "sampling_cfg objectness_thr 0.85"),
+    ("loss.bags.nms_iou", 0.1, "nms_thr 0.1"),
+    ("loss.bags.shape_ratio", 0.25, "shape_ratio_thr 0.25"),
+    ("loss.bags.area_ratio", 0.01, "area_ratio_thr 0.01"),
+    ("loss.bags.with_gt", True, "use_gt True"),
+    ("loss.bags.max_groups", 3, "max_groups 3"),
+    ("loss.bags.max_permutations", 2, "max_permutations 2"),
+    ("loss.bags.alpha", 3.0, "alpha 3.0"),
+    ("loss.bags.base_probability", 0.3, "base_probability 0.3"),
+    ("loss.bags.cut_off", 0.3, "cut_off_thr 0.3"),
+    ("loss.bags.interval", -0.1, "interval -0.1"),
+    ("loss.vild_image", 0.0, "BaronKD distils through its bags alone"),
+    ("teacher.model", "ViT-B-32", "the CLIP ViT-B/32 teacher"),
+]
+
+
+def test_the_baron_config_keeps_barons_recipe():
+    config = REPO / "configs/coco_ov/baron.yaml"
+    drift = [f"{key}: {resolved(config, key)!r} in the config, BARON's {want!r} ({source})"
+             for key, want, source in BARON if resolved(config, key) != (
+                 pytest.approx(want, rel=2e-3) if isinstance(want, float) else want)]
+    assert not drift, f"{config.relative_to(REPO)}:\n" + "\n".join(drift)
+
+
 # MaskCLIP+'s annotation-free recipe (chongzhou96/MaskCLIP's maskclip_plus anno_free configs,
 # as issue 21 and DESIGN.md state it) -> configs/{ade20k,pascal_context}/maskclip_plus.yaml;
 # the ResNet-101's weights are torchvision's, not mmseg's V1c (docs/reproduce.md section 6)

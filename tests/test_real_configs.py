@@ -114,11 +114,15 @@ def _detector_steps(bench: str, tmp_path: Path) -> dict[str, dict]:
     detection.write_split_proposals(text, "train", progress=False)
     assert extract.main(["--config", str(REPO / f"configs/{bench}/extract.yaml"), *TINY, *common,
                          f"output_dir={out / 'extract'}", "--no-progress"]) == 0
-    for name in ("vild", "vild_ensemble", "fvlm"):
+    names = ("vild", "vild_ensemble", "fvlm", "baron") if bench == "coco_ov" else \
+        ("vild", "vild_ensemble", "fvlm")
+    for name in names:
         # F-VLM's trunk is a ResNet teacher's tower: the tiny ResNet one here
         tower = [f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_rn.json'}",
                  "teacher.model=tiny_rn"] if name == "fvlm" else []
-        cfg = _cfg(f"configs/{bench}/{name}.yaml", tmp_path, *common, *tower,
+        # BARON's 9 regions x 6 words outrun the tiny teacher's 48 tokens: 4 words here
+        words = ["loss.bags.words=4", "loss.bags.min_objectness=0"] if name == "baron" else []
+        cfg = _cfg(f"configs/{bench}/{name}.yaml", tmp_path, *common, *tower, *words,
                    f"output_dir={out / name}")
         metrics[name] = detection.train(cfg, progress=False)
         assert (out / name / "model_final.safetensors").is_file()
@@ -134,6 +138,8 @@ def test_coco_ov_configs_one_iteration_each(datasets, tmp_path, capsys):
     assert cfg.train.optim.lr == pytest.approx(0.32 * 16 / 256)
     assert cfg.train.max_iters == 180000 * 256 // 16
     metrics = _detector_steps("coco_ov", tmp_path)
+    first = (tmp_path / "outputs/coco_ov/baron/metrics.jsonl").read_text().splitlines()[0]
+    assert "loss_bag" in json.loads(first) and "loss_vild_image" not in json.loads(first)
     run = load_config(tmp_path / "outputs/coco_ov/vild/config.yaml")  # what trained
     assert run.data.scale_jitter == [0.1, 2.0]  # ViLD's recipe parts were active
     assert (run.model.norm, run.model.fpn_norm, run.model.head_convs, run.model.head_norm,
