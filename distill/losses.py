@@ -47,7 +47,9 @@ exact 0 that stays in the autograd graph of the inputs (``x.sum() * 0``), never 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -579,13 +581,15 @@ class Criterion(nn.Module):
 
 
 def build_criterion(
-    bags: dict | None = None, pixel_distill_mode: str = "l1",
+    bags: dict | Any = None, pixel_distill_mode: str = "l1",
     pseudo_label_threshold: float | None = None, words: nn.Module | None = None,
     **weights: float,
 ) -> Criterion:
     """``build_criterion(**dataclasses.asdict(cfg.loss), words=...)``: the weights, and the
     bag queue and temperature of ``bags`` (``loss.bags``); ``words``: the student's
     pseudo-word module when ``bag`` is on (:func:`detectors.recipe.build_bag_words`)."""
+    if dataclasses.is_dataclass(bags):  # a BagConfig, as ``vars(cfg.loss)`` gives it
+        bags = dataclasses.asdict(bags)
     bags = bags or {}
     return Criterion(weights, bag_queue=bags.get("queue", 1024),
                      bag_temperature=bags.get("temperature", 1 / 30), words=words,
