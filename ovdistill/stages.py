@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -402,7 +403,9 @@ def write_section(path: Path, section: str, marks: tuple[str, str] = (MARK_BEGIN
 def run_seeds(fn, overrides: list[list[str]], out: Path, progress: bool,
               jobs: int | None = None) -> list:
     """``fn(overrides_i, out, progress)`` for each seed's overrides, ``jobs`` at a time (default
-    one per core) in spawned processes of cores / jobs threads; progress bars only alone."""
+    one per core) in spawned processes of cores / jobs threads; progress bars only alone. The
+    processes end with this one, however it ends (:func:`_end_with`): a killed ablation
+    leaves none training into its stage directories."""
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs or cores, len(overrides)))
     if jobs == 1:
@@ -410,17 +413,29 @@ def run_seeds(fn, overrides: list[list[str]], out: Path, progress: bool,
     print(f"running {len(overrides)} seeds, {jobs} at a time, {max(1, cores // jobs)} "
           f"thread(s) each")
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
-                             initializer=_set_threads, initargs=(max(1, cores // jobs),)) as pool:
+                             initializer=_set_threads,
+                             initargs=(max(1, cores // jobs), os.getpid())) as pool:
         return list(pool.map(fn, overrides, [out] * len(overrides),
                              [False] * len(overrides)))
 
 
-def _set_threads(n: int) -> None:
-    """Worker set-up: ``n`` torch threads; lines reach a redirected stdout as printed."""
+def _set_threads(n: int, parent: int | None = None) -> None:
+    """Worker set-up: ``n`` torch threads; lines reach a redirected stdout as printed; the
+    worker ends when process ``parent`` does (:func:`_end_with`)."""
     import torch
 
     torch.set_num_threads(n)
     sys.stdout.reconfigure(line_buffering=True)
+    if parent is not None:
+        threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
+
+
+def _end_with(parent: int, period: float = 1.0) -> None:
+    """Exit this process once ``parent`` is gone (this process is handed to another parent):
+    the executor's workers outlive a killed parent otherwise."""
+    while os.getppid() == parent:
+        time.sleep(period)
+    os._exit(1)
 
 
 def ablation_seed(overrides: list[str], out: Path, progress: bool) -> dict[str, dict]:

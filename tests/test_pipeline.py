@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from ovdistill import stages as orchestration
 from tools import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
 
 # a random tiny ResNet teacher: the tower students start from its tower
 TINY = ["world.num_train=8", "world.num_val=4", "world.image_size=96", "world.max_objects=3",
@@ -131,3 +134,50 @@ def test_few_names_floors_hand_computed(monkeypatch):
                    (-2.5, ">= -8.0 (seed spread)", True), (1.0, ">= -3.0 (seed spread)", True)]
     few[1]["reference"]["AP50_base"] = 0.30  # base: -4.5 points, spread 3
     assert orchestration.few_names_floors(few)[3][3] is False
+
+
+def test_seed_workers_end_when_the_ablation_is_killed(tmp_path):
+    """run_seeds' spawned workers exit once their parent is gone (a killed tools.ablation),
+    instead of training on into the stage directories."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "sleeper.py").write_text(
+        "import os, time\n"
+        "def fn(overrides, out, progress):\n"
+        "    (out / str(os.getpid())).write_text('')\n"
+        "    time.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    code = ("import sys; from pathlib import Path; import sleeper; "
+            "from ovdistill.stages import run_seeds; "
+            "run_seeds(sleeper.fn, [['a'], ['b']], Path(sys.argv[1]), False, jobs=2)")
+    out = tmp_path / "out"
+    out.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", code, str(out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [int(p.name) for p in out.iterdir()]
+    assert len(workers) == 2, "the two seed workers never started"
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state != "Z"  # a zombie has ended
+
+    assert all(alive(w) for w in workers)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if alive(w)]
+    for w in left:  # leave nothing behind, then fail
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"seed workers {left} outlived the killed parent"
