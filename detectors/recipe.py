@@ -86,7 +86,8 @@ class DistillationSet(torch.utils.data.Dataset):
             rec = self.cache.get(s["image_id"])
             distill = {"boxes": torch.as_tensor(rec["boxes"]),
                        "embeddings": torch.as_tensor(rec["embeddings"])}
-            sources = {"boxes": distill["boxes"], "scores": torch.as_tensor(rec["scores"])}
+            if self.bags is not None:  # BARON's bags grow around every cached proposal
+                sources = {"boxes": distill["boxes"], "scores": torch.as_tensor(rec["scores"])}
             if self.min_objectness > 0:
                 keep = torch.as_tensor(rec["scores"]) >= self.min_objectness
                 distill = {key: v[keep] for key, v in distill.items()}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, nms
+from torchvision.ops import clip_boxes_to_image, nms
 
 # the 3 x 3 grid's cells, row-major; 4 is the proposal itself
 GRID = 9  # the most boxes a bag holds
@@ -138,8 +138,8 @@ def bag_seeds(boxes: Tensor, scores: Tensor, height: int, width: int, *,
         return boxes
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
     ratio = wh[:, 0] / (wh[:, 1] + 1e-12)
-    image = boxes.new_tensor([[0, 0, width, height]])
-    inside = box_iou(image, boxes)[0] * (width * height) / (wh.prod(1) + 1e-12)  # inter / area
+    clipped = clip_boxes_to_image(boxes, (height, width))
+    inside = (clipped[:, 2:] - clipped[:, :2]).clamp(min=0).prod(1) / (wh.prod(1) + 1e-12)
     keep = ((scores > min_objectness) & (ratio > shape_ratio) & (ratio < 1 / shape_ratio)
             & (inside > area_ratio))
     if not bool(keep.any()):

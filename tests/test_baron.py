@@ -181,6 +181,13 @@ def test_bag_seeds_filter_then_nms():
     scores = torch.tensor([0.9, 0.95, 0.5, 0.99, 0.86])
     # 0.5 is too low, the 100 x 5 box too thin; NMS at 0.1 keeps 0.95 over 0.9
     assert bag_seeds(boxes, scores, 100, 100).tolist() == [[12, 12, 32, 32], [60, 10, 80, 30]]
+    # 80 % of a box hangs out of the image (20 % inside): kept at area_ratio 0.18, dropped at 0.25
+    out = torch.tensor([[-40.0, 0, 10, 50]])
+    assert len(bag_seeds(out, torch.tensor([0.9]), 100, 100, area_ratio=0.18,
+                         min_objectness=0.5)) == 1
+    dropped = bag_seeds(torch.cat([out, boxes[4:]]), torch.tensor([0.9, 0.86]), 100, 100,
+                        area_ratio=0.25)
+    assert dropped.tolist() == [[60, 10, 80, 30]]
     low = bag_seeds(boxes[2:3], torch.tensor([0.5]), 100, 100)
     assert low.tolist() == [[50, 50, 70, 70]]  # none passes: the best box alone
 
