@@ -144,9 +144,11 @@ class RefineConfig:
 
     output: str = "outputs/refine/refined.safetensors"
     max_split: int = 6  # each image cut into m x n regions, m and n uniform in 1..max_split
-    # > 0: only regions whose crop the frozen teacher names (softmax over the train split's
-    # category names) with at least this confidence (0: every region, as CLIPSelf)
-    min_confidence: float = 0.0
+    # CLIPSelf's region-proposal variant: a proposals file of the train split
+    # (tools/proposals.py: an RPN trained on base classes) whose top `max_boxes` boxes per
+    # image are the regions instead of the grids (null: grids)
+    proposals: str | None = None
+    max_boxes: int = 20
 
 
 @dataclass

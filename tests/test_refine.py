@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 from distill.config import load_config
 from distill.engine import last_checkpoint
 from distill.teacher import Teacher
-from distill.teacher.refine import clipself_loss, grid_boxes, pool_regions
+from distill.teacher.dense import dense_features
+from distill.teacher.pretrain import _dense_on_own_crops
+from distill.teacher.refine import RegionGrids, clipself_loss, grid_boxes, pool_regions
 from tools import refine_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +52,32 @@ def test_clipself_loss_by_hand():
     crops = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
     each = [0.0, 1 - 1 / math.sqrt(2), 2.0]  # 1 - cosine: the norm does not count
     assert clipself_loss(dense, crops).item() == pytest.approx(sum(each) / 3)
-    weights = torch.tensor([1.0, 0.0, 1.0])
-    assert clipself_loss(dense, crops, weights).item() == pytest.approx((each[0] + each[2]) / 2)
-    assert clipself_loss(dense, crops, torch.zeros(3)).item() == 0.0
+
+
+def test_proposal_regions_are_the_top_boxes_scaled_to_the_dense_input():
+    image = torch.zeros(3, 50, 100, dtype=torch.uint8)
+    data = [{"image": image, "image_id": 7}, {"image": image, "image_id": 8}]
+    proposals = {7: (torch.tensor([[0.0, 0, 10, 10], [10, 10, 60, 40], [-5, 20, 120, 30],
+                                   [5, 5, 5, 30]]), torch.tensor([0.1, 0.9, 0.5, 0.8])),
+                 8: (torch.zeros(0, 4), torch.zeros(0))}
+    grids = RegionGrids(data, lambda h, w: (2 * h, 2 * w), proposals=proposals, max_boxes=3)
+    s = grids.sample(0, None)
+    assert s["image"].shape == (3, 100, 200)
+    # scores 0.9, 0.8, 0.5 in that order; x2; clipped to the image; the empty box dropped
+    assert s["boxes"].tolist() == [[20, 20, 120, 80], [0, 40, 200, 60]]
+    assert grids.sample(1, None)["boxes"].tolist() == [[0, 0, 200, 100]]  # none: whole image
+
+
+def test_dense_on_own_crop_of_the_whole_image_is_the_dense_maps_mean():
+    cfg = load_config(REPO / "configs/shapes/refine.yaml")
+    teacher = Teacher.from_config(cfg.teacher)
+    size = teacher.image_size[0]
+    image = torch.randint(0, 256, (3, size, size), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    own = _dense_on_own_crops(teacher, image, torch.tensor([[0.0, 0, size, size]]))
+    feats = dense_features(teacher.model.visual, teacher.normalize(image), teacher.dense_mode)
+    assert torch.allclose(own[0], torch.nn.functional.normalize(feats.mean((-2, -1))[0], dim=0),
+                          atol=1e-5)
 
 
 def _overrides(tmp_path: Path, out: str) -> list[str]:
@@ -71,8 +96,8 @@ def test_refinement_writes_an_open_clip_file_resumes_exactly_and_plugs_into_the_
                       [o for o in _overrides(tmp_path, "a") if "=" in o])
     refined = tmp_path / "a" / "refined.safetensors"
     record = json.loads(refined.with_suffix(".json").read_text())
-    assert record["iterations"] == 3 and {"crop_top1", "dense_top1", "cosine"} <= set(
-        record["after"])
+    assert record["iterations"] == 3 and {"crop_top1", "dense_top1", "dense_on_crop_top1",
+                                          "cosine"} <= set(record["after"])
     before = Teacher.from_config(cfg.teacher)
     after = Teacher.from_config(dataclasses.replace(cfg.teacher, pretrained=str(refined)))
     names = ["star", "ring", "arrow"]
@@ -100,3 +125,64 @@ def test_refinement_writes_an_open_clip_file_resumes_exactly_and_plugs_into_the_
     assert torch.allclose(both.dense(image), after.dense(image))
     assert not torch.allclose(both.dense(image), before.dense(image))
     assert both.fingerprint not in (before.fingerprint, after.fingerprint)
+
+
+def test_refinement_on_proposals_reads_the_proposals_file(tmp_path, capsys):
+    from distill.data.coco import CocoDetection, dataset_paths
+    from distill.data.proposals import save_proposals
+
+    assert refine_teacher.main(_overrides(tmp_path, "a")) == 0  # writes the world
+    cfg = load_config(REPO / "configs/shapes/refine.yaml",
+                      [o for o in _overrides(tmp_path, "a") if "=" in o])
+    ids = [int(s["image_id"]) for s in CocoDetection(*dataset_paths(cfg, "train"))]
+    path = tmp_path / "proposals_train.safetensors"
+    save_proposals(path, {i: (torch.tensor([[8.0, 8, 40, 40], [0, 0, 96, 96]]),
+                              torch.tensor([0.9, 0.2])) for i in ids[1:]})
+    args = [f"refine.proposals={path}", *_overrides(tmp_path, "p")]
+    capsys.readouterr()
+    assert refine_teacher.main(args) == 2  # refused before any training
+    assert capsys.readouterr().err.strip() == (
+        f"error: refine.proposals: {path} has no proposals for 1 of the 4 train images "
+        f"(first: image {ids[0]})")
+    assert not (tmp_path / "p").exists()
+    save_proposals(path, {i: (torch.tensor([[8.0, 8, 40, 40]]), torch.tensor([0.9]))
+                          for i in ids})
+    assert refine_teacher.main(args) == 0
+    record = json.loads((tmp_path / "p" / "refined.safetensors").with_suffix(".json").read_text())
+    assert record["refine"]["proposals"] == str(path) and record["iterations"] == 3
+
+
+
+def test_a_dense_cache_from_the_refined_tower_trains_a_detector(tmp_path):
+    """teacher.region_mode=dense with teacher.dense_pretrained: the cache holds the refined
+    tower's dense region embeddings (not the original's), and ViLD trains from it."""
+    import numpy as np
+
+    from distill.cache import EmbeddingCache
+    from distill.data.coco import CocoDetection, dataset_paths
+    from detectors import recipe
+    from tools import extract
+
+    assert refine_teacher.main(_overrides(tmp_path, "a")) == 0
+    refined = tmp_path / "a" / "refined.safetensors"
+    common = [o for o in _overrides(tmp_path, "a")[:4]] + [
+        "teacher.region_mode=dense", "teacher.dense_short_side=96",
+        f"teacher.dense_pretrained={refined}", f"cache.root={tmp_path / 'cache'}",
+        "cache.name=dense", "cache.proposals=gt"]
+    assert extract.main(["--config", str(REPO / "configs/shapes/extract.yaml"), "--no-progress",
+                         *common]) == 0
+    cfg = load_config(REPO / "configs/shapes/vild.yaml", [
+        *common, f"output_dir={tmp_path / 'vild'}", "train.max_iters=2", "train.batch_size=2",
+        "model.image_size=96", "model.hidden=32", "model.box_batch_size_per_image=16"])
+    refined_teacher = Teacher.from_config(cfg.teacher)
+    original = Teacher.from_config(dataclasses.replace(cfg.teacher, dense_pretrained=None))
+    ds = CocoDetection(*dataset_paths(cfg, "train"))
+    s = ds[0]
+    rec = EmbeddingCache.open(tmp_path / "cache" / "dense").get(ds.ids[0])
+    got = torch.from_numpy(np.asarray(rec["embeddings"], dtype=np.float32))
+    assert torch.allclose(got, refined_teacher.regions(s["image"], s["boxes"]), atol=2e-3)
+    assert not torch.allclose(got, original.regions(s["image"], s["boxes"]), atol=2e-3)
+    metrics = recipe.train(cfg, progress=False)
+    assert "AP50_novel" in metrics
+    losses = json.loads((tmp_path / "vild/metrics.jsonl").read_text().splitlines()[0])
+    assert losses["loss_vild_image"] > 0

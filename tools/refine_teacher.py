@@ -43,7 +43,8 @@ def _run(args, argv: list[str]) -> int:
         if when in record:
             r = record[when]
             print(f"  {when}: zero-shot top-1 on val objects: crop {r['crop_top1']:.3f}, "
-                  f"dense {r['dense_top1']:.3f}; crop-dense cosine {r['cosine']:.3f}")
+                  f"dense {r['dense_top1']:.3f} (dense path on the object's own crop "
+                  f"{r['dense_on_crop_top1']:.3f}); crop-dense cosine {r['cosine']:.3f}")
     return 0
 
 

@@ -2,7 +2,9 @@
 dense embeddings of a region come close to its embedding of that region's crop.
 
 Each unlabelled training image (resized to the teacher's dense input size) is cut into a
-random grid of m x n regions (m, n uniform in 1..``max_split``). The frozen tower embeds
+random grid of m x n regions (m, n uniform in 1..``max_split``), or, in CLIPSelf's
+region-proposal variant (``refine.proposals``), its regions are the top proposals of an
+RPN trained on base classes (no class labels either way). The frozen tower embeds
 the crop of every region (its ordinary image path, 1x crops at the tower's input size);
 the trainable copy's dense features (:func:`distill.teacher.dense.dense_features`: the
 MaskCLIP value path of a ViT, the attention pool's value path of a ResNet) are averaged
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.config import ExperimentConfig, atomic_write
+from distill.config import ConfigError, ExperimentConfig, atomic_write
 from distill.teacher.clip import Teacher, cut_crops, save_clip
 from distill.teacher.dense import dense_features, pool_regions
 
@@ -43,14 +45,9 @@ def grid_boxes(height: int, width: int, rows: int, cols: int) -> Tensor:
     return torch.stack([x1, y1, x2, y2], -1).reshape(-1, 4)
 
 
-def clipself_loss(dense: Tensor, crops: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean over regions of 1 - cosine(dense region embedding, crop embedding); (N, D) each.
-    ``weights`` (N,) >= 0: a weighted mean instead (0 when every weight is 0)."""
-    loss = 1 - F.cosine_similarity(dense, crops.to(dense.dtype), dim=-1)
-    if weights is None:
-        return loss.mean()
-    weights = weights.to(loss)
-    return (loss * weights).sum() / weights.sum().clamp_min(1e-12)
+def clipself_loss(dense: Tensor, crops: Tensor) -> Tensor:
+    """Mean over regions of 1 - cosine(dense region embedding, crop embedding); (N, D) each."""
+    return (1 - F.cosine_similarity(dense, crops.to(dense.dtype), dim=-1)).mean()
 
 
 class DenseTower(nn.Module):
@@ -74,14 +71,21 @@ class DenseTower(nn.Module):
 
 
 class RegionGrids(torch.utils.data.Dataset):
-    """Training samples: each image of ``data`` (samples with ``image`` (3, H, W) uint8)
-    resized to ``size(H, W)`` and a random m x n grid of regions (m, n in 1..``max_split``,
-    from the engine's per-sample generator)."""
+    """Training samples: each image of ``data`` (samples with ``image`` (3, H, W) uint8 and
+    ``image_id``) resized to ``size(H, W)`` and its regions: a random m x n grid (m, n in
+    1..``max_split``, from the engine's per-sample generator) or, given ``proposals``
+    (``{image id: (boxes (N, 4) xyxy in the image's pixels, scores (N,))}``, CLIPSelf's
+    region-proposal variant), the image's ``max_boxes`` highest-scoring proposals (the
+    whole image when it has none)."""
 
-    def __init__(self, data, size, max_split: int = 6):
+    def __init__(self, data, size, max_split: int = 6, proposals: dict | None = None,
+                 max_boxes: int = 20):
         if max_split < 1:
             raise ValueError(f"refine.max_split must be >= 1, got {max_split}")
+        if max_boxes < 1:
+            raise ValueError(f"refine.max_boxes must be >= 1, got {max_boxes}")
         self.data, self.size, self.max_split = data, size, max_split
+        self.proposals, self.max_boxes = proposals, max_boxes
 
     def __len__(self) -> int:
         return len(self.data)
@@ -96,16 +100,25 @@ class RegionGrids(torch.utils.data.Dataset):
             image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear",
                                   align_corners=False, antialias=True)[0].round().clamp(0, 255)
             image = image.to(torch.uint8)
-        rows, cols = (torch.randint(1, self.max_split + 1, (2,), generator=generator)).tolist()
-        return {"image": image, "boxes": grid_boxes(h, w, rows, cols)}
+        if self.proposals is None:
+            rows, cols = torch.randint(1, self.max_split + 1, (2,), generator=generator).tolist()
+            return {"image": image, "boxes": grid_boxes(h, w, rows, cols)}
+        return {"image": image, "boxes": self._proposals(self.data[i], h, w)}
+
+    def _proposals(self, sample: dict, h: int, w: int) -> Tensor:
+        boxes, scores = (torch.as_tensor(a) for a in self.proposals[int(sample["image_id"])])
+        boxes = boxes[scores.argsort(descending=True, stable=True)[:self.max_boxes]]
+        height, width = sample["image"].shape[-2:]
+        boxes = boxes * boxes.new_tensor([w / width, h / height] * 2)
+        boxes = boxes.clamp_min(0).minimum(boxes.new_tensor([w, h, w, h]))
+        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+        return boxes if len(boxes) else grid_boxes(h, w, 1, 1)
 
 
-def refine_step(frozen: Teacher, text: Tensor | None = None, min_confidence: float = 0.0):
+def refine_step(frozen: Teacher):
     """``loss_fn(model, batch)`` for the engine: a list of :class:`RegionGrids` samples, the
     trainable :class:`DenseTower` ``model``, the ``frozen`` teacher's crop embeddings as
-    targets. With ``min_confidence`` > 0 only the regions whose crop the frozen teacher
-    names (softmax over ``text`` (C, D) at its temperature) with at least that confidence
-    count."""
+    targets."""
     def loss_fn(model, batch) -> dict[str, Tensor]:
         dense, crops = [], []
         for s in batch:
@@ -115,13 +128,8 @@ def refine_step(frozen: Teacher, text: Tensor | None = None, min_confidence: flo
             with torch.no_grad():
                 rois = torch.cat([s["boxes"].new_zeros(len(s["boxes"]), 1), s["boxes"]], 1)
                 crops.append(F.normalize(frozen.model.encode_image(
-                    cut_crops(x, rois, frozen.image_size)).float(), dim=-1))
-        crops = torch.cat(crops)
-        weights = None
-        if min_confidence > 0:
-            conf = (crops @ text.to(crops).T / frozen.temperature).softmax(-1).amax(-1)
-            weights = (conf >= min_confidence).float()
-        return {"loss_clipself": clipself_loss(torch.cat(dense), crops, weights)}
+                    cut_crops(x, rois.to(x.device), frozen.image_size)).float(), dim=-1))
+        return {"loss_clipself": clipself_loss(torch.cat(dense), torch.cat(crops))}
     return loss_fn
 
 
@@ -137,6 +145,7 @@ def refine(cfg: ExperimentConfig, progress: bool = True) -> tuple[Teacher, nn.Mo
     ``cfg.train``'s schedule into ``cfg.output_dir`` (a rerun resumes); returns (the frozen
     teacher, the refined CLIP model)."""
     from distill.data.coco import CocoDetection, dataset_paths
+    from distill.data.proposals import load_proposals
     from distill.engine import train as train_loop
 
     frozen = Teacher.from_config(cfg.teacher)
@@ -148,10 +157,18 @@ def refine(cfg: ExperimentConfig, progress: bool = True) -> tuple[Teacher, nn.Mo
         for p in (pool.q_proj, pool.k_proj, pool.positional_embedding):
             p.requires_grad_(False)
     images = CocoDetection(*dataset_paths(cfg, "train"))
-    data = RegionGrids(images, frozen.dense_size, cfg.refine.max_split)
-    text = frozen.text(images.names) if cfg.refine.min_confidence > 0 else None
-    train_loop(tower, refine_step(frozen, text, cfg.refine.min_confidence), data, cfg.train,
-               cfg.output_dir, collate_fn=list, resume=True, progress=progress)
+    proposals = None
+    if cfg.refine.proposals:
+        proposals = load_proposals(cfg.refine.proposals)
+        missing = [i for i in images.ids if int(i) not in proposals]
+        if missing:
+            raise ConfigError(f"refine.proposals: {cfg.refine.proposals} has no proposals for "
+                              f"{len(missing)} of the {len(images)} train images (first: image "
+                              f"{missing[0]})")
+    data = RegionGrids(images, frozen.dense_size, cfg.refine.max_split, proposals,
+                       cfg.refine.max_boxes)
+    train_loop(tower, refine_step(frozen), data, cfg.train, cfg.output_dir, collate_fn=list,
+               resume=True, progress=progress)
     return frozen, refined_model(frozen, tower.cpu())
 
 
