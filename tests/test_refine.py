@@ -158,9 +158,9 @@ def test_a_dense_cache_from_the_refined_tower_trains_a_detector(tmp_path):
     tower's dense region embeddings (not the original's), and ViLD trains from it."""
     import numpy as np
 
+    from detectors import recipe
     from distill.cache import EmbeddingCache
     from distill.data.coco import CocoDetection, dataset_paths
-    from detectors import recipe
     from tools import extract
 
     assert refine_teacher.main(_overrides(tmp_path, "a")) == 0
