@@ -94,7 +94,8 @@ class RegionGrids(torch.utils.data.Dataset):
         return self.sample(i, None)
 
     def sample(self, i: int, generator: torch.Generator | None) -> dict:
-        image = self.data[i]["image"]
+        item = self.data[i]
+        image = item["image"]
         h, w = self.size(*image.shape[-2:])
         if (h, w) != tuple(image.shape[-2:]):
             image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear",
@@ -103,12 +104,12 @@ class RegionGrids(torch.utils.data.Dataset):
         if self.proposals is None:
             rows, cols = torch.randint(1, self.max_split + 1, (2,), generator=generator).tolist()
             return {"image": image, "boxes": grid_boxes(h, w, rows, cols)}
-        return {"image": image, "boxes": self._proposals(self.data[i], h, w)}
+        return {"image": image, "boxes": self._proposals(item, h, w)}
 
-    def _proposals(self, sample: dict, h: int, w: int) -> Tensor:
-        boxes, scores = (torch.as_tensor(a) for a in self.proposals[int(sample["image_id"])])
+    def _proposals(self, item: dict, h: int, w: int) -> Tensor:
+        boxes, scores = (torch.as_tensor(a) for a in self.proposals[int(item["image_id"])])
         boxes = boxes[scores.argsort(descending=True, stable=True)[:self.max_boxes]]
-        height, width = sample["image"].shape[-2:]
+        height, width = item["image"].shape[-2:]
         boxes = boxes * boxes.new_tensor([w / width, h / height] * 2)
         boxes = boxes.clamp_min(0).minimum(boxes.new_tensor([w, h, w, h]))
         boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
