@@ -165,7 +165,7 @@ def test_a_dense_cache_from_the_refined_tower_trains_a_detector(tmp_path):
 
     assert refine_teacher.main(_overrides(tmp_path, "a")) == 0
     refined = tmp_path / "a" / "refined.safetensors"
-    common = [o for o in _overrides(tmp_path, "a")[:4]] + [
+    common = _overrides(tmp_path, "a")[:4] + [
         "teacher.region_mode=dense", "teacher.dense_short_side=96",
         f"teacher.dense_pretrained={refined}", f"cache.root={tmp_path / 'cache'}",
         "cache.name=dense", "cache.proposals=gt"]

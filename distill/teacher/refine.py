@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from distill.config import ConfigError, ExperimentConfig, atomic_write
 from distill.teacher.clip import Teacher, cut_crops, save_clip
@@ -110,9 +111,8 @@ class RegionGrids(torch.utils.data.Dataset):
         boxes, scores = (torch.as_tensor(a) for a in self.proposals[int(item["image_id"])])
         boxes = boxes[scores.argsort(descending=True, stable=True)[:self.max_boxes]]
         height, width = item["image"].shape[-2:]
-        boxes = boxes * boxes.new_tensor([w / width, h / height] * 2)
-        boxes = boxes.clamp_min(0).minimum(boxes.new_tensor([w, h, w, h]))
-        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+        boxes = clip_boxes_to_image(boxes * boxes.new_tensor([w / width, h / height] * 2), (h, w))
+        boxes = boxes[remove_small_boxes(boxes, 1e-3)]  # those left empty by the clipping
         return boxes if len(boxes) else grid_boxes(h, w, 1, 1)
 
 
