@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from detectors.vild import ViLD, binary_masks
 from distill.data.coco import CocoDetection
-from distill.engine import to_device
-from distill.evaluation.coco import OVCocoEvaluator
+from distill.engine import broadcast_from_main, gather_to_main, get_rank, shard, to_device
+from distill.evaluation.coco import DetectionCollector, OVCocoEvaluator
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -111,42 +111,53 @@ def _evaluate(predict, dataset: CocoDetection, novel: Sequence[bool],
     the categories carry LVIS ``frequency`` tags (novel = rare), else COCO-OV's. With
     ``masks`` the predictions also hold ``masks`` (N, 1, H, W) probabilities, scored as
     binary masks (> 0.5) under the ``mask_`` keys. Images go to ``device``, predictions come
-    back to the CPU."""
+    back to the CPU. Under torchrun each rank predicts its :func:`distill.engine.shard` of the
+    images; rank 0 scores them all with one evaluator and writes ``out_dir``; every rank
+    returns the metrics."""
     if len(novel) != len(dataset.categories):
         raise ValueError(f"{len(novel)} novel flags for {len(dataset.categories)} categories "
                          f"of {dataset.instances_json}")
     category_ids = [int(c["id"]) for c in dataset.categories]
     lvis = all("frequency" in c for c in dataset.categories)
     iou_types = ("bbox", "segm") if masks else ("bbox",)
-    if lvis:
-        from distill.evaluation import LVISEvaluator
-
-        evaluator = LVISEvaluator(dataset.instances_json, iou_types=iou_types)
-        keys: tuple[str, ...] = ("AP", "AP50", "APr", "APc", "APf")
-    else:
-        novel_ids = [cid for cid, n in zip(category_ids, novel, strict=True) if n]
-        evaluator = OVCocoEvaluator(dataset.instances_json, novel_category_ids=novel_ids,
-                                    category_ids=category_ids, iou_types=iou_types)
-        keys = ("AP", "AP50", "AP50_novel", "AP50_base", "AP50_all")
+    # each rank predicts its slice of the images; rank 0 gathers them into one evaluator
+    mine = DetectionCollector({int(im["id"]): im for im in dataset.images}, category_ids,
+                              iou_types)
+    indices = shard(len(dataset))
     seconds = 0.0
-    for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate",
-                      disable=not progress, dynamic_ncols=True):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    for start in tqdm(range(0, len(indices), batch_size), desc="evaluate",
+                      disable=not progress or get_rank() != 0, dynamic_ncols=True):
+        samples = [dataset[i] for i in indices[start:start + batch_size]]
         t = time.perf_counter()
         results = to_device(predict([s["image"].to(device) for s in samples]), "cpu")
         seconds += time.perf_counter() - t
         for s, r in zip(samples, results, strict=True):
-            evaluator.add(s["image_id"], r["boxes"], r["scores"],
-                          [category_ids[k - 1] for k in r["labels"].tolist()],
-                          binary_masks(r["masks"]) if masks else None)
-    metrics = evaluator.evaluate()
-    if out_dir is not None:
-        evaluator.write(out_dir)
-    flat = {k: float(metrics["bbox"][k]) for k in keys}
-    if masks:
-        flat.update({f"mask_{k}": float(metrics["segm"][k]) for k in keys})
-    flat["images_per_s"] = len(dataset) / max(seconds, 1e-9)
-    return flat
+            mine.add(s["image_id"], r["boxes"], r["scores"],
+                     [category_ids[k - 1] for k in r["labels"].tolist()],
+                     binary_masks(r["masks"]) if masks else None)
+    parts = gather_to_main((mine.state(), seconds))
+    flat = None
+    if parts is not None:  # rank 0
+        if lvis:
+            from distill.evaluation import LVISEvaluator
+
+            evaluator = LVISEvaluator(dataset.instances_json, iou_types=iou_types)
+            keys: tuple[str, ...] = ("AP", "AP50", "APr", "APc", "APf")
+        else:
+            novel_ids = [cid for cid, n in zip(category_ids, novel, strict=True) if n]
+            evaluator = OVCocoEvaluator(dataset.instances_json, novel_category_ids=novel_ids,
+                                        category_ids=category_ids, iou_types=iou_types)
+            keys = ("AP", "AP50", "AP50_novel", "AP50_base", "AP50_all")
+        evaluator.merge(state for state, _ in parts)
+        metrics = evaluator.evaluate()
+        if out_dir is not None:
+            evaluator.write(out_dir)
+        flat = {k: float(metrics["bbox"][k]) for k in keys}
+        if masks:
+            flat.update({f"mask_{k}": float(metrics["segm"][k]) for k in keys})
+        # the ranks ran side by side: the slowest one's time is the split's
+        flat["images_per_s"] = len(dataset) / max(max(sec for _, sec in parts), 1e-9)
+    return broadcast_from_main(flat)
 
 
 @torch.no_grad()
@@ -157,17 +168,22 @@ def write_proposals(model: ViLD, dataset: CocoDetection, path: str | os.PathLike
     ViLD's offline recipe: the RPN, trained on base-class boxes only, proposes
     (at most ``rpn_post_nms_top_n_test``, 300 by default) boxes per image with
     their objectness; ``tools/extract.py`` embeds them with the teacher
-    (``cache.proposals=<path>``). Runs on the model's device. Returns the number of
-    proposals written.
+    (``cache.proposals=<path>``). Runs on the model's device; under torchrun each rank
+    proposes for its :func:`distill.engine.shard` of the images and rank 0 writes the file.
+    Returns the number of proposals written.
     """
     from distill.data.proposals import save_proposals
 
     out = {}
-    for start in tqdm(range(0, len(dataset), batch_size), desc="proposals",
-                      disable=not progress, dynamic_ncols=True):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    indices = shard(len(dataset))
+    for start in tqdm(range(0, len(indices), batch_size), desc="proposals",
+                      disable=not progress or get_rank() != 0, dynamic_ncols=True):
+        samples = [dataset[i] for i in indices[start:start + batch_size]]
         found = model.propose([s["image"].to(model_device(model)) for s in samples])
         for s, p in zip(samples, to_device(found, "cpu"), strict=True):
             out[s["image_id"]] = (p["boxes"], p["scores"])
-    save_proposals(path, out, metadata={"source": "ViLD RPN (base classes)"})
-    return sum(len(b) for b, _ in out.values())
+    parts = gather_to_main(out)
+    if parts is not None:  # rank 0: every rank's images, in the dataset's order
+        out = {k: v for part in parts for k, v in part.items()}
+        save_proposals(path, out, metadata={"source": "ViLD RPN (base classes)"})
+    return broadcast_from_main(sum(len(b) for b, _ in out.values()))

@@ -35,7 +35,14 @@ from distill.data.coco import (
     dataset_paths,
     detection_set,
 )
-from distill.engine import final_weights, init_distributed, load_weights, resolve_device, seed_all
+from distill.engine import (
+    final_weights,
+    get_rank,
+    init_distributed,
+    load_weights,
+    resolve_device,
+    seed_all,
+)
 from distill.engine import train as train_loop
 from distill.losses import build_criterion
 from distill.teacher import Teacher
@@ -244,7 +251,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     out = Path(cfg.output_dir)
     val = val_set(cfg)  # data problems fail before the teacher loads
     data = None if eval_only else train_set(cfg)
-    init_distributed(cfg.train.device)  # first: under torchrun the teacher takes its rank's GPU
+    # first: under torchrun the teacher takes its rank's GPU; files are rank 0's to write
+    main = init_distributed(cfg.train.device)[0] == 0
     teacher = Teacher.from_config(cfg.teacher)
     seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
     model = build_student(cfg, teacher)
@@ -256,8 +264,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         instances, _ = dataset_paths(cfg, "train")
         cache = open_cache(cfg, teacher.fingerprint, instances) \
             if cfg.loss.vild_image > 0 or cfg.loss.bag > 0 else None
-        save_config(cfg, out / "config.yaml")
-        if data.skipped or val.skipped:
+        if main:
+            save_config(cfg, out / "config.yaml")
+        if main and (data.skipped or val.skipped):
             atomic_write(out / "skipped.json", json.dumps(
                 {"train": data.skipped, "val": val.skipped}, indent=1) + "\n")
             print(f"data.on_error=skip: left out {len(data.skipped)} train and "
@@ -275,8 +284,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
                                   bags=cfg.loss.bags if cfg.loss.bag > 0 else None)
         train_loop(model, loss_fn, samples, cfg.train, out, criterion=criterion,
                    collate_fn=collate, evaluate=periodic, resume=resume, progress=progress)
+    # every rank scores its shard of val; rank 0 writes the files
     metrics = evaluate(model, teacher, val, out / "eval", progress)
-    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    if main:
+        atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -284,15 +295,18 @@ def write_split_proposals(cfg: ExperimentConfig, split: str = "train",
                           output: str | Path | None = None, progress: bool = True) -> Path:
     """The trained RPN of ``cfg.output_dir`` on every image of ``split`` -> its top
     ``model.rpn_post_nms_top_n_test`` boxes per image with objectness, in ``output``
-    (default ``output_dir/proposals_<split>.safetensors``); returns the path."""
+    (default ``output_dir/proposals_<split>.safetensors``); returns the path. Under torchrun
+    every rank proposes for its shard of the images and rank 0 writes the file."""
     out = Path(cfg.output_dir)
     path = Path(output) if output else out / f"proposals_{split}.safetensors"
     weights = final_weights(out)  # before loading the teacher: a missing run fails fast
+    data = detection_set(cfg, split)  # data.on_error and the box clean-up, as in training
+    init_distributed(cfg.train.device)  # under torchrun: each rank proposes for its shard
     model = build_student(cfg, Teacher.from_config(cfg.teacher))
     load_weights(model, weights)
     model.to(resolve_device(cfg.train.device))
     t = time.perf_counter()
-    n = write_proposals(model, CocoDetection(*dataset_paths(cfg, split)), path,
-                        progress=progress)
-    print(f"proposals: {n} boxes written to {path} in {time.perf_counter() - t:.0f} s")
+    n = write_proposals(model, data, path, progress=progress)
+    if get_rank() == 0:
+        print(f"proposals: {n} boxes written to {path} in {time.perf_counter() - t:.0f} s")
     return path

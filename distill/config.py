@@ -307,6 +307,11 @@ class ScheduleConfig:
 class TrainConfig:
     max_iters: int = 1000
     batch_size: int = 2  # per process
+    # the total batch (processes x batch_size) that lr and the schedule are written for; a run
+    # with another total batch B scales lr by B / reference_batch and every iteration count
+    # (max_iters, steps, warm-up, eval and checkpoint periods) by reference_batch / B, as
+    # detectron2's auto_scale_workers does (Goyal et al. 2017). 0: used as written
+    reference_batch: int = 0
     num_workers: int = 0
     seed: int = 0
     device: str = "cpu"

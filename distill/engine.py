@@ -35,6 +35,7 @@ any moment leaves the previous checkpoint valid.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -107,18 +108,68 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
+def to_device(obj: Any, device: torch.device | str) -> Any:
     """``obj`` with every tensor inside (dicts, lists, tuples, nested) moved to ``device``;
-    other values as they are. A tensor already there is returned as is."""
+    other values as they are. A tensor already there is returned as is.
+
+    Copies towards a CUDA device are asynchronous (``non_blocking``: the stream orders them
+    before any kernel that reads them); copies towards the host are blocking, because the
+    CPU may read a non-blocking device-to-host copy before it has landed (PyTorch's
+    "pinned memory" notes), and predictions are read on the host at once."""
+    device = torch.device(device)
     if isinstance(obj, torch.Tensor):
-        device = torch.device(device)
-        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+        return obj if obj.device == device else obj.to(device, non_blocking=device.type == "cuda")
     if isinstance(obj, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        moved = [to_device(v, device, non_blocking) for v in obj]
+        moved = [to_device(v, device) for v in obj]
         return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)  # namedtuple
     return obj
+
+
+def shard(n: int) -> range:
+    """This rank's contiguous slice of ``n`` items (evaluation, proposals): rank ``r`` of ``w``
+    takes ``[r * n // w, (r + 1) * n // w)``, so the slices in rank order are the items in
+    order and every item is in exactly one slice; ``range(n)`` in one process."""
+    rank, world = get_rank(), get_world_size()
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks); ``[obj]`` in one
+    process. Objects travel pickled over the process group (gloo or NCCL)."""
+    if get_world_size() == 1:
+        return [obj]
+    if dist.get_backend() == "nccl":  # NCCL moves objects through this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    out = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def reduce_over_ranks(*tensors: torch.Tensor, op: str = "sum") -> None:
+    """Each tensor summed (``op="sum"``: sharded counts, a segmenter's confusion matrix) or
+    maxed (``"max"``) over every rank, in place; nothing in one process. CPU tensors travel
+    through this rank's GPU under NCCL."""
+    if get_world_size() == 1:
+        return
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+              if dist.get_backend() == "nccl" else None)
+    for t in tensors:
+        moved = t.to(device) if device is not None else t
+        dist.all_reduce(moved, op=reduce_op)
+        if moved is not t:
+            t.copy_(moved.cpu())
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def check_amp(cfg: TrainConfig, device: torch.device) -> None:
@@ -264,6 +315,9 @@ def build_loader(dataset: Dataset, cfg: TrainConfig, start_iter: int = 0,
                                get_rank(), get_world_size(), seeded=True)
     return DataLoader(Seeded(dataset), batch_size=cfg.batch_size, sampler=sampler,
                       num_workers=cfg.num_workers, collate_fn=collate_fn,
+                      # page-locked batches: the copy to the GPU runs beside the compute
+                      pin_memory=resolve_device(cfg.device).type == "cuda"
+                      and torch.cuda.is_available(),
                       persistent_workers=cfg.num_workers > 0,
                       # its own generator: creating the iterator must not consume the
                       # global RNG, or a resumed run's dropout/augmentation would drift
@@ -271,6 +325,39 @@ def build_loader(dataset: Dataset, cfg: TrainConfig, start_iter: int = 0,
 
 
 # --------------------------------------------------------------------------- optimisation
+
+
+def scale_to_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, str]:
+    """``cfg`` for a run of ``world_size`` processes x ``cfg.batch_size`` images, and one line
+    saying what was scaled. With ``cfg.reference_batch`` = R > 0 and a total batch B: lr x B/R;
+    max_iters, the step iterations, warm-up, eval and checkpoint periods x R/B (rounded, at
+    least 1 where they were), so the images seen at each point of the schedule stay the
+    reference's. R = 0 or B = R: ``cfg`` as it is."""
+    total = world_size * cfg.batch_size
+    ref = cfg.reference_batch
+    if ref < 0:
+        raise ConfigError(f"train.reference_batch must be >= 0 (0: no scaling), got {ref}")
+    if ref == 0:
+        return cfg, ""
+    if total == ref:
+        return cfg, (f"train.reference_batch {ref} = {world_size} process(es) x "
+                     f"{cfg.batch_size} images: lr and schedule as configured")
+    factor = total / ref
+
+    def iters(n: int) -> int:
+        return max(1, round(n / factor)) if n > 0 else n
+
+    schedule = dataclasses.replace(cfg.schedule, warmup_iters=iters(cfg.schedule.warmup_iters),
+                                   steps=[iters(s) for s in cfg.schedule.steps])
+    scaled = dataclasses.replace(
+        cfg, max_iters=iters(cfg.max_iters), eval_period=iters(cfg.eval_period),
+        checkpoint_period=iters(cfg.checkpoint_period), schedule=schedule,
+        optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * factor))
+    return scaled, (
+        f"train.reference_batch {ref} -> total batch {total} ({world_size} process(es) x "
+        f"{cfg.batch_size} images): lr {cfg.optim.lr:g} -> {scaled.optim.lr:g}, max_iters "
+        f"{cfg.max_iters} -> {scaled.max_iters}, warm-up {cfg.schedule.warmup_iters} -> "
+        f"{schedule.warmup_iters}, steps {list(cfg.schedule.steps)} -> {schedule.steps}")
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -545,10 +632,13 @@ def train(
     it), then ``loss_fn(model, batch)`` returns a dict of already-weighted scalar losses,
     summed for the backward pass. ``criterion`` (the module ``loss_fn`` calls, if it holds
     state such as a queue) is moved to the device and checkpointed with the model.
-    ``evaluate(model)`` (called on rank 0 with the unwrapped model in eval mode, on the
-    device) returns metrics, logged and written to ``output_dir/metrics.json`` at the end.
+    ``evaluate(model)`` (called on every rank with the unwrapped model in eval mode, on the
+    device: each rank scores its :func:`shard` of the val images and every rank gets the
+    metrics) returns metrics, logged and written to ``output_dir/metrics.json`` at the end.
     Under a process group the model is wrapped in DDP (``device_ids`` on CUDA);
     ``cfg.amp`` autocasts on CUDA (bf16, or fp16 with a gradient scaler).
+    ``cfg.reference_batch`` scales lr and the schedule to this run's total batch
+    (:func:`scale_to_batch`, printed at the start).
 
     Raises :class:`NonFiniteLossError` naming the term and iteration when a loss
     is NaN/inf; nothing is written for that iteration, so the last checkpoint
@@ -556,6 +646,9 @@ def train(
     """
     output_dir = Path(output_dir)
     rank, world = init_distributed(cfg.device)
+    cfg, scaled = scale_to_batch(cfg, world)
+    if rank == 0 and scaled:
+        tqdm.write(scaled)
     device = resolve_device(cfg.device)
     check_amp(cfg, device)
     seed_all(cfg.seed)  # identical initial weights on every rank
@@ -636,15 +729,18 @@ def train(
                 if rank == 0 and metrics:
                     tqdm.write(f"iter {done}: " + ", ".join(
                         f"{k}={v:.4f}" for k, v in metrics.items()))
-            if rank == 0 and (done % cfg.checkpoint_period == 0 or done == cfg.max_iters):
-                save_checkpoint(output_dir, model, optimizer, scheduler, done,
-                                cfg.keep_checkpoints, {k: v.state_dict() for k, v in extra.items()})
-            barrier()
+            if done % cfg.checkpoint_period == 0 or done == cfg.max_iters:
+                if rank == 0:
+                    save_checkpoint(output_dir, model, optimizer, scheduler, done,
+                                    cfg.keep_checkpoints,
+                                    {k: v.state_dict() for k, v in extra.items()})
+                barrier()  # no rank runs ahead of a checkpoint it could be resumed from
     finally:
         bar.close()
         log.close()
     if evaluate is not None and start_iter >= cfg.max_iters:  # resumed a finished run
         metrics = _evaluate(model, evaluate)
+    same_buffers(model)  # what every rank evaluates next is the model saved here
     if rank == 0:
         save_weights(model, output_dir / "model_final.safetensors")
         if metrics:
@@ -652,14 +748,24 @@ def train(
     return metrics
 
 
+def same_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers on every rank (nothing in one process). DDP hands rank 0's buffers to
+    every rank at the start of each forward, and each rank then updates them from its own
+    batch: after the last step the batch-norm running statistics differ per rank, and a
+    sharded evaluation would score each shard with another model."""
+    if get_world_size() == 1:
+        return
+    for buffer in unwrap(model).buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def _evaluate(model: torch.nn.Module, evaluate: Callable) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    if get_rank() == 0:
-        inner = unwrap(model)
-        inner.eval()
-        with torch.no_grad():
-            metrics = evaluate(inner)
-        inner.train()
-    barrier()
+    """``evaluate`` on every rank (each scores its shard; the metrics reach every rank)."""
+    same_buffers(model)
+    inner = unwrap(model)
+    inner.eval()
+    with torch.no_grad():
+        metrics = evaluate(inner)
+    inner.train()
     return metrics
 

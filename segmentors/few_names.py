@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from distill.data.semantic import IGNORE
 from distill.data.vocab import subsets
+from distill.engine import get_rank, reduce_over_ranks, shard
 from segmentors.inference import same_size_batches, segment_logits
 from segmentors.model import PixelEmbeddingSegmenter
 
@@ -74,8 +75,10 @@ def few_names(model: PixelEmbeddingSegmenter, data, text: torch.Tensor, seg,
     model.set_vocabulary(text)
     if len(data) > max_images:
         data = Subset(data, torch.linspace(0, len(data) - 1, max_images).round().long().tolist())
+    data = Subset(data, shard(len(data)))  # under torchrun each rank counts its slice
     try:
-        with tqdm(total=len(data), desc="few names", disable=not progress) as bar:
+        with tqdm(total=len(data), desc="few names",
+                  disable=not progress or get_rank() != 0) as bar:
             for batch in same_size_batches(data, batch_size):
                 logits = segment_logits(model.score_logits, batch["images"].to(device),
                                         seg.short_side, seg.window, seg.stride)
@@ -104,6 +107,7 @@ def few_names(model: PixelEmbeddingSegmenter, data, text: torch.Tensor, seg,
                 bar.update(len(scores))
     finally:
         model.text_embeddings = saved
+    reduce_over_ranks(hit, predicted, painted, unnamed, truth, hit_all, predicted_all)
     iou = _iou(hit, predicted, truth.expand_as(hit))  # (G, T, C)
     iou = torch.where(named[:, None, :], iou, torch.nan)
     few = iou.nanmean(0)  # (T, C): each class over the subsets naming it

@@ -32,7 +32,17 @@ from distill.data.semantic import (
     pascal_context,
     synthetic_semantic,
 )
-from distill.engine import final_weights, init_distributed, load_weights, resolve_device, seed_all
+from distill.engine import (
+    final_weights,
+    gather_to_main,
+    get_rank,
+    init_distributed,
+    load_weights,
+    reduce_over_ranks,
+    resolve_device,
+    seed_all,
+    shard,
+)
 from distill.engine import train as train_loop
 from distill.evaluation.sem_seg import SemSegEvaluator, overlay
 from distill.losses import DEFAULT_WEIGHTS, Criterion
@@ -210,7 +220,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
     """Train ``cfg`` (unless ``eval_only``), evaluate, write ``output_dir/eval``; returns metrics."""
     out = Path(cfg.output_dir)
     train_set, val_set = datasets(cfg)  # missing data fails before the teacher loads
-    init_distributed(cfg.train.device)  # first: under torchrun the teacher takes this rank's GPU
+    # first: under torchrun the teacher takes this rank's GPU; files are rank 0's to write
+    main = init_distributed(cfg.train.device)[0] == 0
     teacher = Teacher.from_config(cfg.teacher)
     seed_all(cfg.train.seed)  # the initial weights: torch's own seed differs per process
     model = build_student(cfg, teacher)
@@ -218,7 +229,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         load_weights(model, final_weights(out))
         model.to(resolve_device(cfg.train.device))
     else:
-        save_config(cfg, out / "config.yaml")
+        if main:
+            save_config(cfg, out / "config.yaml")
         text = teacher.text(train_set.classes)
         model.set_training_vocabulary(text)
         s = cfg.seg
@@ -240,7 +252,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
                        out / "eval", cfg.seg, progress=progress)
     metrics.update(choose_pixel_threshold(model, teacher, val_set, out / "eval", cfg.seg,
                                           progress))
-    atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
+    if main:
+        atomic_write(out / "eval" / "summary.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -250,10 +263,16 @@ def choose_pixel_threshold(model: PixelEmbeddingSegmenter, teacher: Teacher, val
     3-name vocabularies; the full measure in ``out_dir/few_names.json``): ``pixel_threshold``
     (the export's ``thresholds.pixel``) and the 3-name figures at it."""
     m = few_names(model, val_set, teacher.text(val_set.classes), seg, progress=progress)
+    if get_rank() != 0:
+        return _threshold_figures(m)
     atomic_write(out_dir / "few_names.json", json.dumps(m, indent=2) + "\n")
     print(f"3-name vocabularies: mIoU {m['few']:.3f} (every name {m['all']:.3f}), "
           f"{100 * m['unnamed_painted']:.0f} % of unnamed pixels painted, at the chosen "
           f"pixel threshold {m['threshold']:g}")
+    return _threshold_figures(m)
+
+
+def _threshold_figures(m: dict) -> dict[str, float]:
     every = m["by_threshold"][0.0]  # no cut: every pixel named
     return {"pixel_threshold": m["threshold"], "mIoU_3names": m["few"],
             "unnamed_painted_3names": m["unnamed_painted"], "mIoU_3names_no_cut": every["few"],
@@ -285,7 +304,9 @@ def evaluate(logits_fn, teacher: Teacher, data: SemanticDataset,
     ``seg`` says (short side, whole image or sliding window; scored at each image's own
     resolution), every class name in the vocabulary (the model's previous vocabulary is
     restored afterwards). ``logits_fn`` runs ``model`` (or, without one, the teacher): the
-    images go to its device, the label maps come back to the CPU."""
+    images go to its device, the label maps come back to the CPU. Under torchrun each rank
+    segments its :func:`distill.engine.shard` of the images, the counts are summed over the
+    ranks, every rank returns the metrics and rank 0 writes ``out_dir``."""
     import time
 
     from tqdm import tqdm
@@ -296,9 +317,11 @@ def evaluate(logits_fn, teacher: Teacher, data: SemanticDataset,
         model.set_vocabulary(teacher.text(data.classes))
     evaluator = SemSegEvaluator(len(data.classes), class_names=data.classes, novel=data.novel)
     drawn, seconds = [], 0.0
+    mine = torch.utils.data.Subset(data, shard(len(data)))  # this rank's slice of the images
+    main = get_rank() == 0
     try:
-        with tqdm(total=len(data), desc="evaluate", disable=not progress) as bar:
-            for batch in same_size_batches(data, batch_size):
+        with tqdm(total=len(mine), desc="evaluate", disable=not progress or not main) as bar:
+            for batch in same_size_batches(mine, batch_size):
                 t = time.perf_counter()
                 pred = segment_logits(logits_fn, batch["images"].to(device), seg.short_side,
                                       seg.window, seg.stride).argmax(1).cpu()
@@ -312,10 +335,15 @@ def evaluate(logits_fn, teacher: Teacher, data: SemanticDataset,
     finally:
         if model is not None:
             model.text_embeddings = saved
+    evaluator.sum_over_ranks()
     metrics = evaluator.evaluate()
     flat = {k: float(metrics[k]) for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "aAcc")}
-    flat["images_per_s"] = len(data) / max(seconds, 1e-9)
-    if out_dir is not None:
+    slowest = torch.tensor([seconds], dtype=torch.float64)
+    reduce_over_ranks(slowest, op="max")  # the ranks ran side by side
+    flat["images_per_s"] = len(data) / max(float(slowest), 1e-9)
+    drawn = gather_to_main(drawn)  # the first images of the split, whichever rank drew them
+    if out_dir is not None and main:
+        drawn = [im for part in drawn for im in part][:OVERLAYS]
         evaluator.write(out_dir)
         for k, im in enumerate(drawn):
             tmp = out_dir / f".overlay_{k}.tmp.png"

@@ -183,3 +183,59 @@ def test_errors_name_the_file(coco_subset, tmp_path):
     Image.new("RGB", (im["width"] + 1, im["height"])).save(image_dir / im["file_name"])
     with pytest.raises(DatasetError, match=r"HxW\) but instances.json says"):
         ds[2]
+
+
+def test_real_quirks_are_cleaned_up_with_a_count(coco_subset, capsys):
+    """Real COCO's quirks (tests/quirks.py) as detectron2 / mmdetection handle them: the
+    zero-height box dropped, the box past the edges clipped, the crowd box out of the targets,
+    the image without annotations kept, greyscale and CMYK JPEGs read as RGB; one line counts
+    what was done. ``data.on_error=fail`` does not stop on any of them."""
+    path, image_dir, sub = coco_subset
+    extra = dict(sub, images=[*sub["images"], *[
+        {**sub["images"][0], "id": 9000 + k, "file_name": f"extra_{k}.jpg"} for k in range(2)]])
+    for k in range(2):
+        Image.new("RGB", (extra["images"][0]["width"], extra["images"][0]["height"])).save(
+            image_dir / f"extra_{k}.jpg")
+    from tests.fake_datasets import add_quirks
+
+    q = add_quirks(extra, image_dir)
+    path.write_text(json.dumps(extra))
+    ds = CocoDetection(path, image_dir, with_masks=True, on_error="fail")
+    out = capsys.readouterr().out
+    assert out.splitlines() == [f"{path.name}: boxes of zero area dropped: 1, "
+                                "boxes clipped to their image: 1"]
+    assert ds.cleaned["zero_area"] == 1 and ds.cleaned["clipped"] == 1
+    first = ds.targets(0)
+    ann_ids = first["ann_ids"].tolist()
+    assert q["zero_height"] not in ann_ids and q["crowd"] not in ann_ids
+    x, y, w, h = q["clipped"]
+    assert first["boxes"][ann_ids.index(q["outside"])].tolist() == [x, y, x + w, y + h]
+    assert [5.0, 5.0, 45.0, 35.0] in first["crowd_boxes"].tolist()
+    empty = ds[ds.index(q["empty_image"])]
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape[0] == 0
+    for key in ("grey", "cmyk"):
+        s = ds[ds.index(q[key])]
+        assert s["image"].dtype == torch.uint8 and s["image"].shape[0] == 3
+    # the file on disk is never changed; a second read counts the same
+    on_disk = {a["id"]: a for a in json.loads(path.read_text())["annotations"]}
+    assert on_disk[q["outside"]]["bbox"][2] == 50.0
+    CocoDetection(path, image_dir)
+    assert "boxes of zero area dropped: 1" in capsys.readouterr().out
+
+
+def test_clean_annotation_by_hand():
+    from distill.data.coco import clean_annotation
+
+    image = {"width": 100, "height": 50}
+    a = {"bbox": [90, 40, 20, 20], "segmentation": [[1, 2, 3, 4], [0, 0, 10, 0, 10, 10]]}
+    cleaned, done = clean_annotation(a, image, with_masks=True)
+    assert cleaned["bbox"] == [90.0, 40.0, 10.0, 10.0]
+    assert cleaned["segmentation"] == [[0, 0, 10, 0, 10, 10]]
+    assert done == ["clipped", "polygon_parts"] and a["bbox"] == [90, 40, 20, 20]
+    assert clean_annotation({"bbox": [-30, 0, 20, 5]}, image, False) == (None, ["outside"])
+    assert clean_annotation({"bbox": [3, 4, -1, 5]}, image, False) == (None, ["zero_area"])
+    short = {"bbox": [1, 1, 5, 5], "segmentation": [[1, 2, 3, 4]]}
+    assert clean_annotation(short, image, True) == (None, ["no_polygon"])
+    assert clean_annotation(short, image, False)[0]["segmentation"] == []
+    inside = {"bbox": [0, 0, 100, 50]}
+    assert clean_annotation(inside, image, True) == (inside, [])

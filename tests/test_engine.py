@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill.config import ScheduleConfig
+from distill.config import ConfigError, ScheduleConfig, TrainConfig
 from distill.engine import (
     CheckpointError,
     IterationSampler,
@@ -247,3 +249,70 @@ def test_ddp_two_processes_on_cpu_match_single_process(tmp_path):
     for k in r0:
         assert torch.allclose(r0[k], one[k], atol=1e-5), k
         assert not torch.equal(r0[k], init[k])
+
+
+class _Copies(TorchDispatchMode):
+    """Records every tensor copy between devices: (target device, non_blocking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and "device" in kwargs:
+            self.seen.append((torch.device(kwargs["device"]).type,
+                              bool(kwargs.get("non_blocking", False))))
+        return func(*args, **kwargs)
+
+
+def test_copies_to_the_host_are_blocking_and_to_the_gpu_asynchronous():
+    """Predictions are read on the host as soon as ``to_device(..., "cpu")`` returns: a
+    non-blocking GPU -> CPU copy may not have landed then (issue 33, item 1)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from distill.engine import to_device
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_gpu = {"boxes": torch.zeros(3, 4, device="cuda"), "n": 3,
+                  "masks": [torch.zeros(2, 5, 5, device="cuda")]}
+        batch = [torch.zeros(2, 2)]
+        with _Copies() as copies:
+            back = to_device(on_gpu, "cpu")
+            to_device(batch, "cuda")
+    assert back["n"] == 3 and back["boxes"].device.type == "cpu"
+    assert copies.seen == [("cpu", False), ("cpu", False), ("cuda", True)]
+
+
+def test_the_schedule_is_scaled_from_the_reference_batch():
+    """A real config (total batch 16) run by one process of 2 images: lr / 8, every iteration
+    count x 8, said in one line; 8 processes run it as written; 0 leaves it alone."""
+    from distill.config import load_config
+    from distill.engine import scale_to_batch
+
+    cfg = load_config(ROOT / "configs/coco_ov/vild.yaml").train
+    assert (cfg.reference_batch, cfg.batch_size, cfg.optim.lr) == (16, 2, 0.02)
+    one, line = scale_to_batch(cfg, 1)
+    assert one.optim.lr == pytest.approx(0.0025) and one.max_iters == 8 * 2_880_000
+    assert one.schedule.warmup_iters == 8000 and one.schedule.steps == [8 * 2_592_000,
+                                                                        8 * 2_736_000]
+    assert one.checkpoint_period == 80_000 and cfg.optim.lr == 0.02  # cfg itself unchanged
+    assert line == ("train.reference_batch 16 -> total batch 2 (1 process(es) x 2 images): "
+                    "lr 0.02 -> 0.0025, max_iters 2880000 -> 23040000, warm-up 1000 -> 8000, "
+                    "steps [2592000, 2736000] -> [20736000, 21888000]")
+    eight, line = scale_to_batch(cfg, 8)
+    assert eight == cfg and "lr and schedule as configured" in line
+    four = scale_to_batch(dataclasses.replace(cfg, batch_size=8), 4)[0]  # total 32: halved
+    assert four.optim.lr == pytest.approx(0.04) and four.max_iters == 1_440_000
+    plain = TrainConfig(max_iters=7)
+    assert scale_to_batch(plain, 4) == (plain, "")
+    with pytest.raises(ConfigError, match="train.reference_batch must be >= 0"):
+        scale_to_batch(TrainConfig(reference_batch=-1), 1)
+
+
+def test_the_engine_prints_the_scaling_and_trains_the_scaled_schedule(tmp_path, capsys):
+    cfg = small_cfg(reference_batch=16, max_iters=8, checkpoint_period=4, log_period=4)
+    train(make_model(), mse, Points(), cfg, tmp_path, progress=False, tensorboard=False)
+    assert "train.reference_batch 16 -> total batch 4" in capsys.readouterr().out
+    iters = [json.loads(line)["iter"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert iters == [4, 8, 12, 16, 20, 24, 28, 32]  # 8 iterations of 16 = 32 of 4

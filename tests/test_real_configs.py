@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from detectors import recipe as detection
 from distill.config import load_config
 from segmentors import recipe as segmentation
+from tests.fake_datasets import fake_datasets
 from tools import extract, make_ov_coco, make_ov_lvis, pipeline, train, train_seg
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning"),
@@ -29,73 +27,23 @@ TINY = [f"teacher.model_config={REPO / 'configs/shapes/teacher/tiny_vit.json'}",
         "teacher.model=tiny_vit", "teacher.pretrained=null", "teacher.device=cpu",
         "teacher.templates=simple", "train.device=cpu", "train.amp=false",
         "train.num_workers=0"]
-ONE_STEP = ["train.max_iters=1", "train.batch_size=1", "train.checkpoint_period=1",
+# train.reference_batch=1: the configs' schedules (for 16 images a step) are not scaled up to
+# 16 iterations of one image
+ONE_STEP = ["train.max_iters=1", "train.batch_size=1", "train.reference_batch=1",
+            "train.checkpoint_period=1",
             "train.schedule.warmup_iters=0", "train.schedule.steps=[]"]
 DETECTOR = ["model.image_size=128", "model.fpn_channels=32", "model.hidden=64",
             "model.box_batch_size_per_image=32", "model.rpn_post_nms_top_n_test=20",
             "cache.num_proposals=20"]
 
 
-def _image(path: Path, width: int, height: int, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-
-
-def _subset(instances: dict, keep: int) -> dict:
-    images = instances["images"][:keep]
-    ids = {im["id"] for im in images}
-    return {**instances, "images": images,
-            "annotations": [a for a in instances["annotations"] if a["image_id"] in ids]}
-
-
 @pytest.fixture
 def datasets(tmp_path, monkeypatch) -> Path:
-    """$OVD_DATASETS with coco/ (official-format 2017 files from the COCO fixture), lvis/
-    (LVIS v1-style files from the LVIS fixture: no file_name, images by coco_url) and
-    ADEChallengeData2016/ (random label maps), images generated at the annotated sizes."""
+    """$OVD_DATASETS: the fake tree of tests/fake_datasets.py."""
     root = tmp_path / "datasets"
     monkeypatch.setenv("OVD_DATASETS", str(root))
     monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
-    coco = json.loads((FIXTURES / "coco_instances_val2014_100.json").read_text())
-    for split, (start, n) in {"train": (0, 4), "val": (4, 3)}.items():
-        sub = _subset({**coco, "images": coco["images"][start:]}, n)
-        for k, im in enumerate(sub["images"]):
-            _image(root / f"coco/{split}2017" / im["file_name"], im["width"], im["height"], k)
-        path = root / f"coco/annotations/instances_{split}2017.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(sub))
-    lvis = json.loads((FIXTURES / "lvis_v0.5_val_100.json").read_text())
-    for split, (start, n) in {"train": (0, 3), "val": (3, 3)}.items():
-        sub = _subset({**lvis, "images": lvis["images"][start:]}, n)
-        for k, im in enumerate(sub["images"]):
-            im.pop("file_name", None)  # LVIS v1: the image is named by its coco_url
-            folder, name = im["coco_url"].rsplit("/", 2)[-2:]
-            _image(root / "coco" / folder / name, im["width"], im["height"], 10 + k)
-        (root / "lvis").mkdir(exist_ok=True)
-        (root / f"lvis/lvis_v1_{split}.json").write_text(json.dumps(sub))
-    ade = root / "ADEChallengeData2016"
-    rng = np.random.default_rng(0)
-    for split in ("training", "validation"):
-        for k in range(2):
-            h, w = 96 + 16 * k, 128
-            _image(ade / "images" / split / f"ADE_{split}_{k:08d}.jpg", w, h, 20 + k)
-            label = ade / "annotations" / split / f"ADE_{split}_{k:08d}.png"
-            label.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(label)
-    voc = root / "VOCdevkit" / "VOC2010"  # PASCAL Context-59, mmseg's layout
-    (voc / "ImageSets" / "SegmentationContext").mkdir(parents=True)
-    for split, ids in {"train": ["2008_000002", "2008_000003"],
-                       "val": ["2008_000007", "2008_000008"]}.items():
-        for k, stem in enumerate(ids):
-            h, w = 80 + 16 * k, 112
-            _image(voc / "JPEGImages" / f"{stem}.jpg", w, h, 30 + k)
-            label = voc / "SegmentationClassContext" / f"{stem}.png"
-            label.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 60, (h, w), dtype=np.uint8)).save(label)
-        (voc / "ImageSets" / "SegmentationContext" / f"{split}.txt").write_text(
-            "\n".join(ids) + "\n")
-    _image(voc / "JPEGImages" / "2008_000099.jpg", 64, 64, 40)  # in no split: left out
+    fake_datasets(root)
     return root
 
 

@@ -100,11 +100,12 @@ def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
 
 
 ON_ERROR = ("fail", "skip")  # data.on_error: what a bad image or annotation record does
-BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in converted files)
 
 
 def annotation_problem(a: dict, image: dict | None, categories: dict) -> str | None:
-    """Why annotation record ``a`` cannot be used, or None; ``image`` is its image record."""
+    """Why annotation record ``a`` cannot be used at all, or None; ``image`` is its image
+    record. The quirks of real files that a record survives (a box of zero area or outside
+    its image, a polygon part under 3 points) are :func:`clean_annotation`'s."""
     if image is None:
         return f"unknown image id {a['image_id']}"
     if int(a["category_id"]) not in categories:
@@ -113,16 +114,42 @@ def annotation_problem(a: dict, image: dict | None, categories: dict) -> str | N
     if not (isinstance(box, list) and len(box) == 4 and all(
             isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
         return f"bbox {box} is not 4 finite numbers"
-    x, y, w, h = box
-    if w <= 0 or h <= 0:
-        return f"bbox {box} has zero or negative area"
-    width, height, t = image["width"], image["height"], BOX_TOLERANCE
-    if x < -t or y < -t or x + w > width + t or y + h > height + t:
-        return f"bbox {box} lies outside the {width}x{height} (WxH) image"
-    seg = a.get("segmentation")
-    if isinstance(seg, list) and any(len(poly) < 6 for poly in seg):
-        return "polygon with fewer than 3 points"
     return None
+
+
+# what clean_annotation did, as counted and printed per file
+CLEANED = {"zero_area": "boxes of zero area dropped",
+           "outside": "boxes wholly outside their image dropped",
+           "clipped": "boxes clipped to their image",
+           "polygon_parts": "polygon parts under 3 points dropped",
+           "no_polygon": "annotations without a polygon of 3 points dropped (masks needed)"}
+
+
+def clean_annotation(a: dict, image: dict, with_masks: bool) -> tuple[dict | None, list[str]]:
+    """The quirks of real COCO / LVIS files handled as detectron2 and mmdetection do:
+    ``(record to use or None to drop it, the CLEANED keys that applied)``. A box of zero or
+    negative width or height is dropped (COCO train2017's annotation 2206849 has zero
+    height); a box sticking out of its image is clipped to it, and dropped when nothing of
+    it is inside; polygon parts of fewer than 3 points are dropped, and with ``with_masks``
+    a record left without a polygon. The record is copied when changed, never edited."""
+    x, y, w, h = (float(v) for v in a["bbox"])
+    if w <= 0 or h <= 0:
+        return None, ["zero_area"]
+    width, height = float(image["width"]), float(image["height"])
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x2 <= x1 or y2 <= y1:
+        return None, ["outside"]
+    done = []
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        a, done = {**a, "bbox": [x1, y1, x2 - x1, y2 - y1]}, ["clipped"]
+    seg = a.get("segmentation")
+    if isinstance(seg, list) and any(len(part) < 6 for part in seg):
+        kept = [part for part in seg if len(part) >= 6]
+        if not kept and with_masks:
+            return None, [*done, "no_polygon"]
+        a, done = {**a, "segmentation": kept}, [*done, "polygon_parts"]
+    return a, done
 
 
 def image_problem(path: Path, image: dict) -> str | None:
@@ -173,7 +200,10 @@ class CocoDetection(Dataset):
     raises :class:`DatasetError` naming the first bad one; ``"skip"`` leaves bad records
     out, and images whose file is missing, unreadable or of another size
     (:func:`image_problem`), listing each in ``skipped`` (image_id, annotation_id or
-    file, reason).
+    file, reason). The quirks of real files are handled whatever ``on_error`` says
+    (:func:`clean_annotation`: zero-area boxes dropped, boxes clipped to the image, short
+    polygon parts dropped), counted in ``cleaned`` and printed in one line. Images without
+    annotations are kept (proposals, extraction and evaluation need every image).
     """
 
     def __init__(self, instances_json: str | os.PathLike, image_dir: str | os.PathLike,
@@ -212,8 +242,10 @@ class CocoDetection(Dataset):
                 self._skip_bad_images()
             self._index = {image_id: i for i, image_id in enumerate(self.ids)}
             self.anns: list[list[dict]] = [[] for _ in self.ids]
+            self.cleaned: dict[str, int] = dict.fromkeys(CLEANED, 0)
             for a in data["annotations"]:
-                problem = annotation_problem(a, records.get(int(a["image_id"])), cats)
+                image = records.get(int(a["image_id"]))
+                problem = annotation_problem(a, image, cats)
                 if problem and on_error == "fail":
                     raise DatasetError(f"{where}: annotation {a.get('id')} (image "
                                        f"{a['image_id']}): {problem}; data.on_error=skip "
@@ -223,10 +255,16 @@ class CocoDetection(Dataset):
                                          "reason": problem})
                 elif int(a["category_id"]) in self.label_of:
                     i = self._index.get(int(a["image_id"]))
-                    if i is not None:  # None: the image was skipped
+                    a, done = clean_annotation(a, image, with_masks)
+                    for key in done:
+                        self.cleaned[key] += 1
+                    if i is not None and a is not None:  # i None: the image was skipped
                         self.anns[i].append(a)
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{where}: malformed COCO record (missing or bad field {e})") from None
+        if any(self.cleaned.values()) and int(os.environ.get("RANK", 0)) == 0:
+            print(f"{where.name}: " + ", ".join(
+                f"{CLEANED[k]}: {n}" for k, n in self.cleaned.items() if n))
 
     def _skip_bad_images(self) -> None:
         keep = []

@@ -138,6 +138,20 @@ class DetectionCollector:
         self._chunks.append((image_id, xywh, s, c, rles))
         self._metrics = None
 
+    def state(self) -> list[tuple]:
+        """The detections added so far, per :meth:`add` call (picklable): what one process of
+        a sharded evaluation sends to the process that scores (:meth:`merge`)."""
+        return list(self._chunks)
+
+    def merge(self, states: Iterable[list[tuple]]) -> None:
+        """Append other collectors' :meth:`state` (in the order given) as if added here."""
+        for chunks in states:
+            for image_id, *_ in chunks:
+                if int(image_id) not in self._images:
+                    raise KeyError(f"image id {image_id} is not in the ground truth")
+            self._chunks.extend(chunks)
+        self._metrics = None
+
     def results(self) -> list[dict]:
         """Detections in the COCO results format: image_id, category_id, bbox [x, y, w, h],
         score (full float precision), segmentation (RLE) when masks were given.

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from distill.config import atomic_write
+from distill.engine import reduce_over_ranks
 from distill.evaluation.plots import plot_per_class_ap
 
 __all__ = ["SemSegEvaluator", "overlay", "palette"]
@@ -129,6 +131,13 @@ class SemSegEvaluator:
         counts = np.bincount(g * (n + 1) + p, minlength=n * (n + 1)).reshape(n, n + 1)
         self.confusion += counts[:, :n]
         self.pred_out_of_range += counts[:, n]
+
+    def sum_over_ranks(self) -> None:
+        """Add up every rank's counts (each rank added its shard of the images): afterwards
+        each rank holds the counts of the whole split (:func:`distill.engine.reduce_over_ranks`;
+        nothing in one process)."""
+        counts = [torch.from_numpy(self.confusion), torch.from_numpy(self.pred_out_of_range)]
+        reduce_over_ranks(*counts)  # in place: the tensors share the arrays' memory
 
     def per_class_iou(self) -> np.ndarray:
         """(num_classes,) IoU = TP / (TP + FP + FN); NaN where the union is empty."""

@@ -145,7 +145,7 @@ def refine(cfg: ExperimentConfig, progress: bool = True) -> tuple[Teacher, nn.Mo
     """Train the refined tower of ``cfg.teacher`` on the train split of ``cfg``'s data with
     ``cfg.train``'s schedule into ``cfg.output_dir`` (a rerun resumes); returns (the frozen
     teacher, the refined CLIP model)."""
-    from distill.data.coco import CocoDetection, dataset_paths
+    from distill.data.coco import detection_set
     from distill.data.proposals import load_proposals
     from distill.engine import train as train_loop
 
@@ -157,7 +157,7 @@ def refine(cfg: ExperimentConfig, progress: bool = True) -> tuple[Teacher, nn.Mo
     if pool is not None:  # a ResNet's dense path skips the pool's attention: nothing to train
         for p in (pool.q_proj, pool.k_proj, pool.positional_embedding):
             p.requires_grad_(False)
-    images = CocoDetection(*dataset_paths(cfg, "train"))
+    images = detection_set(cfg, "train")  # data.on_error, as every stage reads the files
     proposals = None
     if cfg.refine.proposals:
         proposals = load_proposals(cfg.refine.proposals)
