@@ -60,7 +60,7 @@ from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from distill.backbones import norm_layer
 from distill.clip_trunk import AttentionPool
-from distill.scoring import known_names, reference_probs, take_rows
+from distill.scoring import cosine_logits, known_names, reference_probs, take_rows
 
 # model.scoring: how a region's names are scored (EmbeddingRoIHeads.class_probs)
 SCORING = ("reference", "softmax", "pairwise")
@@ -228,15 +228,15 @@ class EmbeddingRoIHeads(RoIHeads):
         - ``pairwise``: each name against the background alone, sigmoid((cos(name) -
           cos(background)) / T) (trained with its own loss, ``vild_text_loss``).
         """
-        logits = embeddings @ torch.cat([self.background_embedding()[None],
-                                         self.text_embeddings]).T / self.temperature
+        logits = cosine_logits(embeddings, torch.cat([self.background_embedding()[None],
+                                                      self.text_embeddings]), self.temperature)
         if self.scoring == "softmax":
             return F.softmax(logits, dim=-1)
         names, fixed = logits[:, 1:], logits[:, :1]
         known = torch.zeros(names.shape[-1], dtype=torch.bool, device=names.device)
         if self.scoring == "reference" and len(self.reference_embeddings):
             ref = self.reference_embeddings
-            fixed = torch.cat([fixed, embeddings @ ref.T / self.temperature], -1)
+            fixed = torch.cat([fixed, cosine_logits(embeddings, ref, self.temperature)], -1)
             known = known_names(self.text_embeddings, ref)
         probs = reference_probs(names, fixed, known)  # pairwise: sigmoid(name - background)
         return torch.cat([1 - probs.max(-1, keepdim=True).values, probs], -1)
@@ -247,11 +247,11 @@ class EmbeddingRoIHeads(RoIHeads):
         against the background, which the text branch scores). ``softmax``: the softmax
         over the vocabulary; otherwise each name against the training names and itself
         (``reference``'s rule without the background), independent of the other names."""
-        names = embeddings @ self.text_embeddings.T / self.temperature
+        names = cosine_logits(embeddings, self.text_embeddings, self.temperature)
         if self.scoring == "softmax" or not len(self.reference_embeddings):
             return F.softmax(names, dim=-1)
         ref = self.reference_embeddings
-        return reference_probs(names, embeddings @ ref.T / self.temperature,
+        return reference_probs(names, cosine_logits(embeddings, ref, self.temperature),
                                known_names(self.text_embeddings, ref))
 
     def novel(self) -> Tensor:

@@ -198,14 +198,18 @@ def _index_parts(path: Path) -> dict[int, list[dict]]:
 class EmbeddingCache:
     """Memory-mapped reader of a store; see the module docstring.
 
-    ``len``, ``ids()`` and ``in`` cover the stored (complete, indexed) shards. Each
-    shard's sha256 is checked on first access in this object; call :meth:`verify`
-    once in the main process before DataLoader workers start to hash each shard once.
+    ``len``, ``ids()`` and ``in`` cover the stored (complete, indexed) shards. At open every
+    shard's size is checked against the index; with ``verify`` each shard's sha256 is also
+    checked on first access in this object (call :meth:`verify` once in the main process
+    before DataLoader workers start to hash each shard once). Training opens without it
+    (:func:`open_cache`: OV-COCO's cache is about 34 GB, hashed by every rank at every start);
+    ``python -m tools.extract --verify`` hashes a store on request.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str | None = None,
-                 dataset_id: str | None = None) -> None:
+                 dataset_id: str | None = None, verify: bool = True) -> None:
         self.path = Path(path)
+        self._check_hashes = verify
         self.meta = meta = _read_meta(self.path)
         _check_identity(self.path, meta, fingerprint, dataset_id)
         self.dim: int = meta["dim"]
@@ -243,9 +247,9 @@ class EmbeddingCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike, fingerprint: str | None = None,
-             dataset_id: str | None = None) -> EmbeddingCache:
+             dataset_id: str | None = None, verify: bool = True) -> EmbeddingCache:
         """Open for reading; a given fingerprint / dataset id must match the store's."""
-        return cls(path, fingerprint, dataset_id)
+        return cls(path, fingerprint, dataset_id, verify)
 
     @staticmethod
     def create_or_open(path: str | os.PathLike, plan: Sequence[int], *, fingerprint: str,
@@ -280,22 +284,31 @@ class EmbeddingCache:
     def verify(self) -> None:
         """Hash every stored shard now; raises :class:`CacheError` naming a corrupt one."""
         for s in range(len(self._shards)):
-            self._buffer(s)
+            self._hash(s)
 
     def _buffer(self, s: int) -> np.ndarray:
         buf = self._maps.get(s)
         if buf is None:
             entry = self._shards[s]
             file = self.path / entry["file"]
-            if s not in self._verified:
-                sha = _sha256_file(file)
-                if sha != entry["sha256"]:
-                    raise CacheError(f"cache shard {file} is corrupt (sha256 {sha[:12]}.., index says "
-                                     f"{entry['sha256'][:12]}..); rerun extraction with the same command to rewrite it")
-                self._verified.add(s)
+            if self._check_hashes:
+                self._hash(s)
             buf = np.memmap(file, dtype=np.uint8, mode="r") if entry["bytes"] else np.zeros(0, np.uint8)
             self._maps[s] = buf
         return buf
+
+    def _hash(self, s: int) -> None:
+        """Check shard ``s``'s sha256 against the index (once per object)."""
+        if s in self._verified:
+            return
+        entry = self._shards[s]
+        file = self.path / entry["file"]
+        sha = _sha256_file(file)
+        if sha != entry["sha256"]:
+            raise CacheError(f"cache shard {file} is corrupt (sha256 {sha[:12]}.., index says "
+                             f"{entry['sha256'][:12]}..); rerun extraction with the same command "
+                             f"to rewrite it")
+        self._verified.add(s)
 
     def get(self, image_id: int) -> dict[str, np.ndarray | None]:
         """One image's record (fresh float32 arrays).
@@ -344,18 +357,19 @@ class EmbeddingCache:
 
 def open_cache(cfg, teacher_fingerprint: str, instances: Path) -> EmbeddingCache:
     """The complete cache ``cfg.cache.root/cfg.cache.name`` of ``instances``' images, written
-    by the teacher of ``teacher_fingerprint`` (checked), for training a student."""
+    by the teacher of ``teacher_fingerprint``, for training a student. Checked cheaply (the
+    meta and index files, the fingerprint, every shard's size); the shards' hashes are for
+    ``python -m tools.extract --verify``."""
     path = Path(cfg.cache.root) / cfg.cache.name
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"no embedding cache at {path}: run tools/extract.py with this "
                                 "config first (cache.store_dense=true for segmenters)")
-    cache = EmbeddingCache.open(path, dataset_id=dataset_id(instances))
+    cache = EmbeddingCache.open(path, dataset_id=dataset_id(instances), verify=False)
     if not cache.fingerprint.startswith(teacher_fingerprint):
         raise ValueError(f"cache {path} was written by another teacher ({cache.fingerprint[:16]}"
                          f"...), this config's teacher is {teacher_fingerprint}")
     if not cache.complete:
         raise ValueError(f"cache {path} is incomplete: rerun tools/extract.py to finish it")
-    cache.verify()
     return cache
 
 

@@ -101,6 +101,10 @@ class TeacherConfig:
     dense_pretrained: str | None = None
     batch_size: int = 256  # crops per encoder call
     device: str = "cpu"
+    # bfloat16 | float16: the image tower runs under autocast on CUDA (crops and dense maps;
+    # embeddings normalised in float32; bench/teacher_amp.py measures the cosine to float32).
+    # null, or on the CPU: float32
+    amp_dtype: str | None = None
     # the teacher's own text logits are cosine / temperature (the teacher on proposals, its
     # MaskCLIP segmentation and pseudo-labels); null: 1 / its learned logit scale (CLIP: 0.01)
     temperature: float | None = None

@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.scoring import cosine_logits
+
 __all__ = [
     "DEFAULT_WEIGHTS",
     "Criterion",
@@ -99,7 +101,7 @@ def vild_text_loss(
     RoIs (Detic's sigmoid loss). Returns a 0-d tensor; R = 0 gives 0.
     """
     classifier = torch.cat([background_embedding[None], text_embeddings], dim=0)
-    logits = region_embeddings @ classifier.to(region_embeddings.dtype).t() / temperature
+    logits = cosine_logits(region_embeddings, classifier, temperature)  # float32 under amp
     if labels.numel() == 0:
         return _zero(logits)
     if scoring == "pairwise":

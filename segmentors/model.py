@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.scoring import known_names, reference_probs, take_rows
+from distill.scoring import cosine_logits, known_names, reference_probs, take_rows
 
 UNLABELLED = -1  # predict()'s label of a pixel no name reaches the threshold on
 
@@ -85,15 +85,15 @@ class PixelEmbeddingSegmenter(nn.Module):
         for m in maps[1:]:
             fused = fused + F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         emb = F.normalize(self.head(fused), dim=1)
-        logits = torch.einsum("bdhw,cd->bchw", emb, self.text_embeddings) / self.temperature
+        logits = cosine_logits(emb, self.text_embeddings, self.temperature, maps=True)
         return {"pixel_embeddings": emb, "pixel_logits": logits, "temperature": self.temperature}
 
     def score_logits(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, C + A, h, w): the vocabulary's logits, then the reference
         names' (what :meth:`name_scores` takes, after any resizing)."""
         out = self(images)
-        reference = torch.einsum("bdhw,ad->bahw", out["pixel_embeddings"],
-                                 self.reference_embeddings) / self.temperature
+        reference = cosine_logits(out["pixel_embeddings"], self.reference_embeddings,
+                                  self.temperature, maps=True)
         return torch.cat([out["pixel_logits"], reference], 1)
 
     def name_scores(self, logits: Tensor) -> Tensor:

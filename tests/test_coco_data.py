@@ -239,3 +239,24 @@ def test_clean_annotation_by_hand():
     assert clean_annotation(short, image, False)[0]["segmentation"] == []
     inside = {"bbox": [0, 0, 100, 50]}
     assert clean_annotation(inside, image, True) == (inside, [])
+
+
+def test_packed_records_read_like_the_lists(coco_subset):
+    """The dataset keeps its records in one buffer (distill/data/packed.py): what it reads
+    back equals the file's records, and a caller changing a record changes nothing stored."""
+    from distill.data.packed import PackedList
+
+    path, image_dir, sub = coco_subset
+    ds = CocoDetection(path, image_dir)
+    assert ds.images == sub["images"]
+    for i, im in enumerate(sub["images"]):
+        want = [a for a in sub["annotations"] if a["image_id"] == im["id"]]
+        assert ds.record(i) == (im, want) and ds.anns[i] == want
+    ds.record(0)[0]["height"] = -1
+    assert ds.targets(0)["height"] == sub["images"][0]["height"]
+    packed = PackedList([{"a": 1}, [], "x" * 1000, None])
+    assert [packed[i] for i in range(4)] == [{"a": 1}, [], "x" * 1000, None]
+    assert packed[-1] is None and list(packed) == [{"a": 1}, [], "x" * 1000, None]
+    with pytest.raises(IndexError, match="index 4 out of range for 4 items"):
+        packed[4]
+    assert len(PackedList([])) == 0

@@ -141,3 +141,29 @@ def test_proposals_file_and_dense(setup, tmp_path):
     with pytest.raises(ProposalsError, match="junk.safetensors: not a proposals file"):
         load_proposals(tmp_path / "junk.safetensors")
 
+
+
+def test_training_checks_sizes_and_verify_hashes_on_request(setup, capsys):
+    """A student's start checks the store cheaply (sizes, fingerprint, completeness: no
+    shard is hashed); ``tools.extract --verify`` hashes every shard and names a corrupt one."""
+    from distill.cache import open_cache
+
+    assert _extract(setup, "cache.name=verify") == 0
+    cfg = load_config(CONFIG, [*setup[2], "cache.name=verify"])
+    store = Path(cfg.cache.root) / "verify"
+    assert _extract(setup, "cache.name=verify", "--verify") == 0
+    assert "every sha256 as indexed" in capsys.readouterr().out
+    shard = sorted(store.glob("shard-*.bin"))[1]
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    teacher_fp = EmbeddingCache.open(store).fingerprint.split("|")[0]
+    instances = generate_world(cfg.world, progress=False).instances["train"]
+    cache = open_cache(cfg, teacher_fp, instances)  # no hash: the flipped byte passes
+    assert cache.complete and not cache._verified
+    assert _extract(setup, "cache.name=verify", "--verify") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{shard} is corrupt" in err
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(Exception, match=r"is truncated"):
+        open_cache(cfg, teacher_fp, instances)

@@ -342,3 +342,25 @@ def test_the_ensembles_image_branch_scores_names_without_the_background():
     # the same names in any company: the third alone scores as beside the others
     m.set_vocabulary(names[2:], torch.tensor([True]))
     assert heads.name_probs(region).tolist()[0] == pytest.approx(want[2:], rel=1e-6)
+
+
+def test_class_logits_are_float32_under_bf16_autocast():
+    """Under bf16 autocast (train.amp) cosine / 0.01 is computed in float32: the loss and the
+    scores equal the float32 ones (a bf16 product rounds a logit of 100 by up to 0.4)."""
+    from distill.scoring import cosine_logits
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 32, generator=g), dim=-1)
+    bg = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=-1)
+    labels = torch.randint(0, 6, (64,), generator=g)
+    want = vild_text_loss(emb, labels, text, bg, 0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vild_text_loss(emb, labels, text, bg, 0.01)
+        logits = cosine_logits(emb, text, 0.01)
+        maps = cosine_logits(emb.T.reshape(1, 32, 8, 8), text, 0.01, maps=True)
+        rounded = emb @ text.T / 0.01  # what autocast makes of a plain product
+    assert got.dtype == logits.dtype == maps.dtype == torch.float32
+    assert torch.equal(got, want) and torch.equal(logits, emb @ text.T / 0.01)
+    assert torch.allclose(maps, (emb @ text.T / 0.01).T.reshape(1, 5, 8, 8), atol=1e-5)
+    assert (rounded.float() - logits).abs().max() > 1e-2  # the rounding this avoids

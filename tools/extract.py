@@ -10,6 +10,9 @@ dense map. Resumable: a rerun of the same command computes only the images not
 stored yet. Ends with ``extract_summary.json`` and ``extract_config.yaml`` in the store
 directory; with ``data.on_error=skip``, ``skipped.json`` lists the annotation records and
 images left out (which are not in the store's image list).
+
+``--verify`` instead checks the config's store: every shard's sha256 against its index
+(training checks only the sizes, at each start), and says which shard is corrupt.
 """
 
 from __future__ import annotations
@@ -25,11 +28,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.config_parser(__doc__.splitlines()[0], "configs/shapes/extract.yaml")
     parser.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every shard of the config's store against its index; no extraction")
     return cli.run(_run, parser.parse_args(argv))
 
 
 def _run(args) -> int:
-    extract(cli.load(args), workers=args.workers, progress=not args.no_progress)
+    cfg = cli.load(args)
+    if args.verify:
+        from pathlib import Path
+
+        from distill.cache import EmbeddingCache
+
+        cache = EmbeddingCache.open(Path(cfg.cache.root) / cfg.cache.name)
+        cache.verify()
+        print(f"{cache.path}: {len(cache.shard_files())} shards, {len(cache)} of "
+              f"{cache.num_planned} images, every sha256 as indexed")
+        return 0
+    extract(cfg, workers=args.workers, progress=not args.no_progress)
     return 0
 
 

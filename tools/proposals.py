@@ -6,7 +6,8 @@ Loads ``output_dir``'s final weights (else its last checkpoint), runs the RPN, t
 on base classes only, on every image of the split and writes its top
 ``model.rpn_post_nms_top_n_test`` (300) boxes per image with their objectness to
 ``output_dir/proposals_<split>.safetensors`` (``--output`` to change). Extraction
-then embeds them: ``python -m tools.extract ... cache.proposals=<that file>``.
+then embeds them: ``python -m tools.extract ... cache.proposals=<that file>``. Under
+``torchrun`` each process proposes for its share of the images and rank 0 writes the file.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from distill.config import ConfigError, ExperimentConfig
+from distill.data.packed import PackedList
 
 
 class DatasetError(ValueError):
@@ -231,9 +232,9 @@ class CocoDetection(Dataset):
                 raise DatasetError(f"{where}: category ids {unknown[:10]} are not in the file")
             self.categories: list[dict] = [cats[int(c)] for c in category_ids]
             self.label_of: dict[int, int] = {int(c): i + 1 for i, c in enumerate(category_ids)}
-            self.images: list[dict] = data["images"]
-            self.ids: list[int] = [int(im["id"]) for im in self.images]
-            records = {image_id: im for image_id, im in zip(self.ids, self.images, strict=True)}
+            self._images: list[dict] = data["images"]  # packed with the annotations below
+            self.ids: list[int] = [int(im["id"]) for im in self._images]
+            records = {image_id: im for image_id, im in zip(self.ids, self._images, strict=True)}
             if len(records) != len(self.ids):
                 seen: set[int] = set()
                 twice = next(i for i in self.ids if i in seen or seen.add(i))
@@ -241,7 +242,7 @@ class CocoDetection(Dataset):
             if on_error == "skip":
                 self._skip_bad_images()
             self._index = {image_id: i for i, image_id in enumerate(self.ids)}
-            self.anns: list[list[dict]] = [[] for _ in self.ids]
+            anns: list[list[dict]] = [[] for _ in self.ids]
             self.cleaned: dict[str, int] = dict.fromkeys(CLEANED, 0)
             for a in data["annotations"]:
                 image = records.get(int(a["image_id"]))
@@ -259,27 +260,44 @@ class CocoDetection(Dataset):
                     for key in done:
                         self.cleaned[key] += 1
                     if i is not None and a is not None:  # i None: the image was skipped
-                        self.anns[i].append(a)
+                        anns[i].append(a)
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{where}: malformed COCO record (missing or bad field {e})") from None
+        # one buffer that forked loader workers read without copying (distill/data/packed.py)
+        self._records = PackedList(zip(self._images, anns, strict=True))
+        del self._images
         if any(self.cleaned.values()) and int(os.environ.get("RANK", 0)) == 0:
             print(f"{where.name}: " + ", ".join(
                 f"{CLEANED[k]}: {n}" for k, n in self.cleaned.items() if n))
 
     def _skip_bad_images(self) -> None:
         keep = []
-        for i, im in enumerate(self.images):
-            problem = image_problem(self.image_path(i), im)
+        for i, im in enumerate(self._images):
+            problem = image_problem(self._path(im), im)
             if problem:
-                self.skipped.append({"image_id": self.ids[i], "file": str(self.image_path(i)),
+                self.skipped.append({"image_id": self.ids[i], "file": str(self._path(im)),
                                      "reason": problem})
             else:
                 keep.append(i)
-        self.images = [self.images[i] for i in keep]
+        self._images = [self._images[i] for i in keep]
         self.ids = [self.ids[i] for i in keep]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def record(self, i: int) -> tuple[dict, list[dict]]:
+        """(image record, its kept annotation records) of image ``i``: fresh copies."""
+        return self._records[i]
+
+    @property
+    def images(self) -> list[dict]:
+        """Every image record, in ``ids`` order (unpacked: for a pass over the records)."""
+        return [image for image, _ in self._records]
+
+    @property
+    def anns(self) -> list[list[dict]]:
+        """Every image's kept annotation records, in ``ids`` order (unpacked likewise)."""
+        return [anns for _, anns in self._records]
 
     @property
     def names(self) -> list[str]:
@@ -299,7 +317,9 @@ class CocoDetection(Dataset):
         """``image_dir / file_name``; for records without ``file_name`` (LVIS v1),
         ``image_dir / <folder>/<file>`` from ``coco_url`` (``.../val2017/000000397133.jpg``
         -> ``val2017/000000397133.jpg``), so image_dir is the COCO root, as in detectron2."""
-        info = self.images[i]
+        return self._path(self.record(i)[0])
+
+    def _path(self, info: dict) -> Path:
         if info.get("file_name"):
             return self.image_dir / info["file_name"]
         url = info.get("coco_url")
@@ -308,21 +328,24 @@ class CocoDetection(Dataset):
                                "file_name nor a coco_url")
         return self.image_dir.joinpath(*url.rsplit("/", 2)[-2:])
 
-    def _kept(self, i: int) -> tuple[list[dict], list[dict]]:
-        """(box annotations, crowd annotations) of image ``i``."""
+    @staticmethod
+    def _split_crowd(anns: list[dict]) -> tuple[list[dict], list[dict]]:
+        """(box annotations, crowd annotations)."""
         kept, crowd = [], []
-        for a in self.anns[i]:
+        for a in anns:
             (crowd if a.get("iscrowd", 0) else kept).append(a)
         return kept, crowd
 
     def targets(self, i: int) -> dict[str, Any]:
         """The annotations of image ``i`` without decoding pixels (no ``image``, ``masks``)."""
-        info = self.images[i]
-        kept, crowd = self._kept(i)
+        return self._targets(i, *self.record(i))[0]
+
+    def _targets(self, i: int, info: dict, anns: list[dict]) -> tuple[dict[str, Any], list[dict]]:
+        kept, crowd = self._split_crowd(anns)
         cat_ids = [int(a["category_id"]) for a in kept]
         return {
             "image_id": self.ids[i],
-            "file_name": str(self.image_path(i)),
+            "file_name": str(self._path(info)),
             "height": int(info["height"]),
             "width": int(info["width"]),
             "boxes": torch.tensor([xywh_to_xyxy(a["bbox"]) for a in kept],
@@ -332,11 +355,11 @@ class CocoDetection(Dataset):
             "ann_ids": torch.tensor([int(a.get("id", -1)) for a in kept], dtype=torch.int64),
             "crowd_boxes": torch.tensor([xywh_to_xyxy(a["bbox"]) for a in crowd],
                                         dtype=torch.float32).reshape(-1, 4),
-        }
+        }, kept
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Sample dict (see the module docstring) for the i-th image of ``ids``."""
-        out = self.targets(i)
+        out, kept = self._targets(i, *self.record(i))
         image = load_image(out["file_name"])
         h, w = out["height"], out["width"]
         if tuple(image.shape[1:]) != (h, w):
@@ -345,7 +368,7 @@ class CocoDetection(Dataset):
         out["image"] = image
         if self.with_masks:
             masks = [decode_mask(a["segmentation"], h, w) if a.get("segmentation")
-                     else np.zeros((h, w), np.uint8) for a in self._kept(i)[0]]
+                     else np.zeros((h, w), np.uint8) for a in kept]
             out["masks"] = (torch.from_numpy(np.stack(masks)) if masks
                             else torch.zeros(0, h, w, dtype=torch.uint8))
         return out

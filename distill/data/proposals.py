@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from distill.config import CacheConfig, ConfigError
 
@@ -86,43 +86,90 @@ def save_proposals(path: str | os.PathLike, proposals: Mapping[int, Any],
         raise
 
 
-def load_proposals(path: str | os.PathLike) -> Proposals:
-    """Read a proposals file: ``{image id: (boxes (N, 4) float32 xyxy, scores (N,) float32)}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"proposals file not found: {path}")
-    try:
-        t = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ProposalsError(f"{path}: not a proposals file ({' '.join(str(e).split())[:150]})") from None
-    need = {"image_ids": 1, "counts": 1, "boxes": 2, "scores": 1}
-    bad = [k for k, nd in need.items() if k not in t or t[k].ndim != nd]
-    if bad:
-        raise ProposalsError(f"{path}: not a proposals file (missing or malformed {', '.join(bad)})")
-    ids, counts, boxes, scores = t["image_ids"], t["counts"], t["boxes"], t["scores"]
-    if (len(ids) != len(counts) or boxes.shape[1:] != (4,) or len(boxes) != len(scores)
-            or counts.sum() != len(boxes) or (counts < 0).any()):
-        raise ProposalsError(f"{path}: inconsistent sizes (image_ids {ids.shape}, counts sum "
-                             f"{int(counts.sum())}, boxes {boxes.shape}, scores {scores.shape})")
-    if len(np.unique(ids)) != len(ids):
-        raise ProposalsError(f"{path}: image ids repeat")
-    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
-        raise ProposalsError(f"{path}: boxes or scores hold non-finite values")
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    return {int(i): (boxes[starts[k]:starts[k + 1]].astype(np.float32),
-                     scores[starts[k]:starts[k + 1]].astype(np.float32))
-            for k, i in enumerate(ids.tolist())}
+class ProposalsFile(Mapping):
+    """A proposals file read lazily: ``{image id: (boxes (N, 4) float32 xyxy, scores (N,)
+    float32)}`` as a read-only mapping that holds only the ids and counts in memory and
+    reads each image's rows from the file when asked (safetensors slices of the memory-mapped
+    file): extraction on OV-COCO's 2.2 GB file keeps the memory of one image's boxes. The
+    header, ids and counts are checked at open; each image's values when read."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"proposals file not found: {self.path}")
+        try:
+            with safe_open(str(self.path), "np") as f:
+                names = set(f.keys())
+                need = {"image_ids": 1, "counts": 1, "boxes": 2, "scores": 1}
+                shapes = {k: f.get_slice(k).get_shape() for k in need if k in names}
+                bad = [k for k, nd in need.items() if k not in shapes or len(shapes[k]) != nd]
+                if bad:
+                    raise ProposalsError(f"{self.path}: not a proposals file (missing or "
+                                         f"malformed {', '.join(bad)})")
+                ids, counts = f.get_tensor("image_ids"), f.get_tensor("counts")
+        except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, ProposalsError):
+                raise
+            raise ProposalsError(f"{self.path}: not a proposals file "
+                                 f"({' '.join(str(e).split())[:150]})") from None
+        n_boxes, n_scores = shapes["boxes"][0], shapes["scores"][0]
+        if (len(ids) != len(counts) or tuple(shapes["boxes"][1:]) != (4,)
+                or n_boxes != n_scores or counts.sum() != n_boxes or (counts < 0).any()):
+            raise ProposalsError(f"{self.path}: inconsistent sizes (image_ids {ids.shape}, "
+                                 f"counts sum {int(counts.sum())}, boxes {tuple(shapes['boxes'])}, "
+                                 f"scores {tuple(shapes['scores'])})")
+        if len(np.unique(ids)) != len(ids):
+            raise ProposalsError(f"{self.path}: image ids repeat")
+        starts = (np.cumsum(counts) - counts).astype(np.int64)
+        self._rows = dict(zip(ids.tolist(), zip(starts.tolist(), counts.tolist(),
+                                                strict=True), strict=True))
+        self._file = None
+
+    def __getstate__(self) -> dict:  # a loader worker opens its own view of the file
+        return {**self.__dict__, "_file": None}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._rows
+
+    def __getitem__(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        start, count = self._rows[int(image_id)]
+        if self._file is None:
+            self._file = safe_open(str(self.path), "np")
+        if count == 0:  # an empty slice is refused by safetensors
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        boxes = self._file.get_slice("boxes")[start:start + count].astype(np.float32)
+        scores = self._file.get_slice("scores")[start:start + count].astype(np.float32)
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise ProposalsError(f"{self.path}: boxes or scores of image {image_id} hold "
+                                 f"non-finite values")
+        return boxes, scores
 
 
-def tensors_sha256(path: str | os.PathLike) -> str:
+def load_proposals(path: str | os.PathLike) -> ProposalsFile:
+    """Open a proposals file (:class:`ProposalsFile`: lazily, checked as it is read)."""
+    return ProposalsFile(path)
+
+
+def tensors_sha256(path: str | os.PathLike, rows: int = 1 << 20) -> str:
     """sha256 over a safetensors file's tensors (names and bytes in name order): the file's
-    own bytes are not stable, its header lists the metadata in a different order each write."""
-    from safetensors.numpy import load_file
-
+    own bytes are not stable, its header lists the metadata in a different order each write.
+    Read ``rows`` rows at a time: memory stays flat whatever the file's size."""
     digest = hashlib.sha256()
-    for name, array in sorted(load_file(str(path)).items()):
-        digest.update(name.encode())
-        digest.update(array.tobytes())
+    with safe_open(str(path), "np") as f:
+        for name in sorted(f.keys()):
+            digest.update(name.encode())
+            part = f.get_slice(name)
+            n = part.get_shape()[0] if part.get_shape() else 0
+            if not part.get_shape():  # a scalar tensor
+                digest.update(f.get_tensor(name).tobytes())
+            for start in range(0, n, rows):
+                digest.update(np.ascontiguousarray(part[start:min(start + rows, n)]).tobytes())
     return digest.hexdigest()
 
 
@@ -175,7 +222,7 @@ class ProposalSource:
         if cfg.num_proposals < 1:
             raise ConfigError(f"cache.num_proposals must be >= 1, got {cfg.num_proposals}")
         self.kind, self.num, self.jitter, self.seed = cfg.proposals, cfg.num_proposals, cfg.jitter, seed
-        self.file: Proposals | None = None
+        self.file: ProposalsFile | None = None
         if self.kind == "gt":
             self.description = "gt"
         elif self.kind == "jitter":

@@ -21,6 +21,7 @@ names such a model by the JSON's file stem, so ``model`` must equal that stem.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -251,8 +252,12 @@ class Teacher(nn.Module):
         batch_size: int = 256,
         temperature: float | None = None,
         dense_visual: nn.Module | None = None,
+        amp_dtype: str | None = None,
     ):
         super().__init__()
+        if amp_dtype not in (None, "bfloat16", "float16"):
+            raise TeacherError(f"amp_dtype must be bfloat16, float16 or null, got {amp_dtype!r}")
+        self.amp_dtype = amp_dtype
         if temperature is not None and temperature <= 0:
             raise TeacherError(f"temperature must be positive (or null), got {temperature}")
         self._temperature = temperature
@@ -334,6 +339,8 @@ class Teacher(nn.Module):
             "dense_short_side": self.dense_short_side, "image_size": list(self.image_size),
             "mean": list(self.mean), "std": list(self.std),
         }
+        if self._amp_active():  # other numbers than float32: another cache
+            spec["amp_dtype"] = self.amp_dtype
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------- text
@@ -437,11 +444,21 @@ class Teacher(nn.Module):
             out = self._encode(crops.to(self.device))
         return out.clone()
 
+    def _amp_active(self) -> bool:
+        return self.amp_dtype is not None and self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The image tower's precision: autocast to ``amp_dtype`` on CUDA, else float32."""
+        if not self._amp_active():
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=getattr(torch, self.amp_dtype))
+
     def _encode(self, crops: Tensor) -> Tensor:
         if len(crops) == 0:
             return torch.zeros(0, self.embed_dim, device=self.device)
-        return torch.cat([F.normalize(self.model.encode_image(c).float(), dim=-1)
-                          for c in crops.split(self.batch_size)])
+        with self.autocast():
+            out = [self.model.encode_image(c) for c in crops.split(self.batch_size)]
+        return torch.cat([F.normalize(o.float(), dim=-1) for o in out])
 
     def _stack(self, images: list[Tensor]) -> Tensor:
         """Normalised (B, 3, Hmax, Wmax); smaller images edge-padded, which is what
@@ -554,7 +571,8 @@ class Teacher(nn.Module):
             if tuple(x.shape[-2:]) != target:
                 x = F.interpolate(x, size=target, mode="bilinear", align_corners=False,
                                   antialias=True)
-            feats = dense_features(self.dense_tower, x, mode or self.dense_mode, keys)
+            with self.autocast():
+                feats = dense_features(self.dense_tower, x, mode or self.dense_mode, keys)
             feats = feats.float() if keys else F.normalize(feats.float(), dim=1)
         feats = feats.clone()
         return feats[0] if single else feats
@@ -573,6 +591,7 @@ def build_teacher(
     device: str = "cpu",
     temperature: float | None = None,
     dense_pretrained: str | None = None,
+    amp_dtype: str | None = None,
     **unknown: Any,
 ) -> Teacher:
     """Build a :class:`Teacher` from the fields of :class:`~distill.config.TeacherConfig`."""
@@ -588,4 +607,4 @@ def build_teacher(
     return Teacher(clip, model, model_cfg=model_cfg, templates=templates,
                    region_mode=region_mode, crop_scales=crop_scales, dense_mode=dense_mode,
                    dense_short_side=dense_short_side, batch_size=batch_size,
-                   temperature=temperature, dense_visual=dense_visual)
+                   temperature=temperature, dense_visual=dense_visual, amp_dtype=amp_dtype)
