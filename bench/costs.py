@@ -13,11 +13,19 @@ measured on ``--crops`` crops / one window and scaled to a whole image (per-crop
 constant). Rows, per image of the benchmark:
 
 - extract: ViT-B/32 on 300 proposals x 2 crops (1x, 1.5x) at 224 px (ViLD's recipe);
-- train: one ViLD R50-FPN step (forward + backward, 300 cached embeddings) at 1024 px;
-- infer: ViLD R50-FPN inference at 1024 px (300 proposals);
+- train: one ViLD R50-FPN step (forward + backward, 300 cached embeddings) on the
+  1024 x 1024 input that large-scale jitter makes (COCO-OV: no mask head);
+- train LVIS: the same step with the LVIS config's mask head (Mask R-CNN's 4-conv head on
+  the positive RoIs, 28 x 28 targets) and 866 training names;
+- infer: ViLD R50-FPN inference on a 768 x 1024 image (COCO's typical 480 x 640 scaled to
+  the 1024 long side; 1000 proposals, the configs' test setting);
 - ade teacher: ViT-B/16 dense passes over the sliding 512-px windows (stride 341) of a
   512 x 683 image (ADE20k's typical 4:3 at short side 512: 2 windows), key smoothing off;
 - ade train: one R50-FPN segmenter step on a 512 crop + the teacher's dense pass on it.
+
+Left out of every row: data loading and decoding, RoIAlign, NMS, the loss reductions and
+the optimizer step (all small against the convolutions on a GPU), so the FLOPs are lower
+bounds and the hours derived from them estimates.
 
 The short schedule is the number of images 8 GPUs train on in 24 hours, at the seconds
 per image of ``bench/gpu_smoke.py``'s COCO-OV row (``--smoke``) or, without one, of the
@@ -56,9 +64,18 @@ BOX_BYTES = 4 * 4 + 4  # float32 xyxy + score
 
 
 def measure(fn, reps: int) -> tuple[float, float]:
-    """(FLOPs of one call, median seconds over ``reps`` calls after the counted one)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    """(FLOPs of one call, median seconds over ``reps`` calls after the counted one). The
+    counted call runs with PyTorch's fused attention fast path off: its kernel
+    (``_native_multi_head_attention``, taken by open_clip's towers in inference) is invisible
+    to the counter, which then misses a ViT's attention projections (ViT-B/32 at 224 px:
+    5.9 GFLOPs counted with it, 8.7 without); the timed calls run as deployed."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -119,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     model = dataclasses.asdict(load_config(REPO / "configs/coco_ov/vild.yaml").model)
     det = build_detector(**model, embed_dim=dim)  # ViLD's R50-FPN, 4conv+1fc head, 1024 px
     det.set_vocabulary(F.normalize(torch.randn(48, dim), dim=-1))
-    big = torch.randint(0, 256, (3, 768, 1024), dtype=torch.uint8)
+    big = torch.randint(0, 256, (3, 768, 1024), dtype=torch.uint8)  # inference: 4:3 image
+    square = torch.randint(0, 256, (3, 1024, 1024), dtype=torch.uint8)  # training: jittered
     target = {"boxes": torch.tensor([[100.0, 100, 300, 400], [500, 200, 700, 600]]),
               "labels": torch.tensor([1, 2])}
     pxy = torch.rand(PROPOSALS, 2) * 800
@@ -128,21 +146,31 @@ def main(argv: list[str] | None = None) -> int:
     criterion = Criterion({"vild_text": 1.0, "box_reg": 1.0, "vild_image": 0.5,
                            "objectness": 1.0, "rpn_box_reg": 1.0})
 
-    def step():
-        det.train()
-        loss = sum(criterion(det([big], [target], [distill["boxes"]]),
-                             {"distill_targets": distill["embeddings"]}).values())
-        loss.backward()
-        det.zero_grad(set_to_none=True)
+    def step(model, sample):
+        def run():
+            model.train()
+            loss = sum(criterion(model([square], [sample], [distill["boxes"]]),
+                                 {"distill_targets": distill["embeddings"]}).values())
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
 
-    rows["train (ViLD R50-FPN step, 1024 px)"] = measure(step, a.reps)
+    rows["train (ViLD R50-FPN step, 1024 x 1024)"] = measure(step(det, target), a.reps)
+    lvis = dataclasses.asdict(load_config(REPO / "configs/lvis/vild.yaml").model)
+    det_lvis = build_detector(**lvis, embed_dim=dim)
+    det_lvis.set_vocabulary(F.normalize(torch.randn(866, dim), dim=-1))
+    masks = torch.zeros(2, 1024, 1024, dtype=torch.uint8)
+    masks[0, 100:400, 100:300] = masks[1, 200:600, 500:700] = 1
+    rows["train LVIS (ViLD R50-FPN + mask head step, 1024 x 1024)"] = measure(
+        step(det_lvis, {**target, "masks": masks}), a.reps)
+    del det_lvis
 
     def infer():
         det.eval()
         with torch.no_grad():
             det([big])
 
-    rows["infer (ViLD R50-FPN, 1024 px)"] = measure(infer, a.reps)
+    rows["infer (ViLD R50-FPN, 768 x 1024)"] = measure(infer, a.reps)
 
     b16 = build_teacher("ViT-B-16", pretrained=None)
     window = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8)
@@ -171,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (flops, sec) in rows.items():
         print(f"| {name} | {flops / 1e9:.0f} | {sec:.2f} |")
     print(f"\ncache per image: {PROPOSALS} x ({EMBED_BYTES} + {BOX_BYTES}) B = {cache / 1e3:.0f} kB")
-    train_flops = rows["train (ViLD R50-FPN step, 1024 px)"][0]
+    train_flops = rows["train (ViLD R50-FPN step, 1024 x 1024)"][0]
     short = print_short(train_flops / ASSUMED_FLOPS,
                         f"FLOP estimate at an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s")
     if a.json:

@@ -10,10 +10,16 @@ input size and batch, with randomly initialised teacher and student (nothing is 
 and random pictures: ``--steps`` training steps through the engine (the batch moved to the
 device, the model in DistributedDataParallel: a process group of one is made when the
 script is not under torchrun; the configs' bf16 autocast and loader workers), then
-``--images`` pictures through the trained student.
+``--images`` pictures through the trained student. For the detectors also: the sharded
+evaluation (``detectors.inference.evaluate_detector`` on ``--images`` pictures per process
+written as a COCO-format set: each rank predicts its share, rank 0 gathers and scores), and
+the teacher's region embedding (ViLD's 1x + 1.5x crops of 32 boxes a picture) in float32
+and under the config's ``teacher.amp_dtype`` autocast: regions/s of each and the lowest
+cosine between them.
 Prints seconds per training iteration (the median after the first), inference images/s and
 peak device memory (``torch.cuda.max_memory_allocated``; on the CPU the process's peak RSS),
-and writes them as JSON with ``--output``.
+and writes them as JSON with ``--output``. The configs' schedules are run as written
+(``train.reference_batch=0``: no scaling to this run's batch).
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ def run(bench: str, device: str, steps: int, images: int, tiny: bool) -> dict:
     """One config: ``steps`` training steps and ``images`` inference pictures; the figures."""
     task = "segmentation" if bench in ("ade20k", "pascal_context") else "detection"
     overrides = ["teacher.pretrained=null", f"teacher.device={device}", f"train.device={device}",
-                 f"train.max_iters={steps}", "train.log_period=1",
+                 f"train.max_iters={steps}", "train.log_period=1", "train.reference_batch=0",
                  f"train.checkpoint_period={steps}", "train.keep_checkpoints=1",
                  "train.schedule.warmup_iters=0",
                  # random student weights too: no ImageNet file needed
@@ -186,11 +192,82 @@ def run(bench: str, device: str, steps: int, images: int, tiny: bool) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         per_s = len(pictures) / (time.perf_counter() - t)
-    return {"config": CONFIGS[bench], "device": str(dev), "input": size,
-            "batch": cfg.train.batch_size, "s_per_iter": round(seconds, 4),
-            "images_per_s": round(per_s, 2), "peak_memory_gib": round(_peak_memory(dev), 2),
-            "memory": "max_memory_allocated" if dev.type == "cuda" else "peak RSS (process)",
-            "ddp": torch.distributed.is_initialized()}
+    row = {"config": CONFIGS[bench], "device": str(dev), "input": size,
+           "batch": cfg.train.batch_size, "s_per_iter": round(seconds, 4),
+           "images_per_s": round(per_s, 2), "peak_memory_gib": round(_peak_memory(dev), 2),
+           "memory": "max_memory_allocated" if dev.type == "cuda" else "peak RSS (process)",
+           "ddp": torch.distributed.is_initialized()}
+    if task == "detection":
+        row.update(sharded_evaluation(model, teacher, data, images, classes))
+        row.update(extraction_precision(teacher, [data[i]["image"] for i in range(images)]))
+    return row
+
+
+def sharded_evaluation(model, teacher, data, images: int, classes: int) -> dict:
+    """``images`` pictures per process of ``data`` as a COCO-format val set (boxes, a box
+    polygon each), evaluated by every rank on its share, gathered and scored on rank 0."""
+    from PIL import Image
+
+    from detectors.inference import evaluate_detector
+    from distill.data.coco import CocoDetection
+
+    n = images * engine.get_world_size()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        recs, anns = [], []
+        for i in range(n):
+            s = data[i % len(data)]
+            h, w = s["image"].shape[-2:]
+            Image.fromarray(s["image"].permute(1, 2, 0).numpy()).save(tmp / f"{i}.png")
+            recs.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
+            for b, c in zip(s["target"]["boxes"].tolist(), s["target"]["labels"].tolist(),
+                            strict=True):
+                x0, y0, x1, y1 = b
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c,
+                             "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                             "iscrowd": 0, "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+        cats = [{"id": k + 1, "name": f"class {k}"} for k in range(classes)]
+        if engine.get_rank() == 0:
+            (tmp / "val.json").write_text(json.dumps({"images": recs, "annotations": anns,
+                                                      "categories": cats}))
+        engine.barrier()
+        val = CocoDetection(tmp / "val.json", tmp)
+        text = F.normalize(torch.randn(classes, teacher.embed_dim), dim=-1)
+        t = time.perf_counter()
+        metrics = evaluate_detector(model, val, text, [k % 4 == 0 for k in range(classes)],
+                                    tmp / "eval", progress=False)
+        seconds = time.perf_counter() - t
+        engine.barrier()  # rank 0 has written its files before the folder goes
+    return {"eval_images": n, "eval_images_per_s_total": round(n / seconds, 2),
+            "eval_AP50_all": round(metrics.get("AP50_all", -1.0), 4)}
+
+
+def extraction_precision(teacher, pictures: list[torch.Tensor], boxes: int = 32) -> dict:
+    """The teacher's crop regions of ``pictures`` in float32 and under its ``amp_dtype``
+    (on CUDA): regions/s of each and the lowest cosine between the two."""
+    g = torch.Generator().manual_seed(0)
+    h, w = pictures[0].shape[-2:]
+    xy = [torch.rand(boxes, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+          for _ in pictures]
+    rects = [torch.cat([p, p + 16 + torch.rand(boxes, 2, generator=g) * 0.3 * min(h, w)], 1)
+             for p in xy]
+    configured, out = teacher.amp_dtype, {}
+    for name, dtype in (("fp32", None), ("amp", configured)):
+        teacher.amp_dtype = dtype
+        teacher.regions(pictures[:1], rects[:1])  # warm-up
+        if teacher.device.type == "cuda":
+            torch.cuda.synchronize(teacher.device)
+        t = time.perf_counter()
+        emb = torch.cat(teacher.regions(pictures, rects)).float().cpu()
+        if teacher.device.type == "cuda":
+            torch.cuda.synchronize(teacher.device)
+        out[name] = (emb, len(emb) / (time.perf_counter() - t))
+    teacher.amp_dtype = configured
+    cosine = F.cosine_similarity(out["fp32"][0], out["amp"][0], dim=-1).min()
+    return {"teacher_amp_dtype": configured if teacher.device.type == "cuda" else None,
+            "regions_per_s_fp32": round(out["fp32"][1], 1),
+            "regions_per_s_amp": round(out["amp"][1], 1),
+            "regions_amp_min_cosine": round(float(cosine), 6)}
 
 
 def _process_group(device: str) -> None:
@@ -220,12 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     _process_group(device)
     rows = [run(bench, device, a.steps, a.images, a.tiny) for bench in a.configs]
     if engine.get_rank() == 0:
-        print("| config | device | input | batch | s/iter | images/s | peak memory GiB |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("| config | device | input | batch | s/iter | images/s | peak memory GiB | "
+              "sharded eval images/s (all ranks) | teacher regions/s fp32 / amp | amp min "
+              "cosine |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
         for r in rows:
+            extra = (f"{r['eval_images_per_s_total']:.2f} | {r['regions_per_s_fp32']:.0f} / "
+                     f"{r['regions_per_s_amp']:.0f} | {r['regions_amp_min_cosine']:.5f}"
+                     if "eval_images" in r else "- | - | -")
             print(f"| {r['config']} | {r['device']} | {r['input']} | {r['batch']} | "
                   f"{r['s_per_iter']:.3f} | {r['images_per_s']:.2f} | "
-                  f"{r['peak_memory_gib']:.2f} ({r['memory']}) |")
+                  f"{r['peak_memory_gib']:.2f} ({r['memory']}) | {extra} |")
         if a.output:
             Path(a.output).write_text(json.dumps(rows, indent=2) + "\n")
     torch.distributed.destroy_process_group()

@@ -6,6 +6,8 @@ distillation boxes move together.
   ``vild_parser``): the image is scaled so that its long side is ``size`` x U(low, high),
   a random window of at most ``size`` x ``size`` is cut out of it, and the result is padded
   to ``size`` x ``size`` at the bottom and right.
+- :func:`window_masks`: instance masks drawn straight into a jitter window from their
+  polygons (a training sample never holds full-size masks).
 
 A target is a dict with ``boxes`` (N, 4) xyxy pixels and entries of N rows (``labels``,
 ``masks`` (N, H, W), the cached ``embeddings`` of distillation boxes ...); the jitter clips
@@ -77,17 +79,69 @@ def crop_target(target: dict[str, Tensor], window: tuple[int, int, int, int, int
     return out
 
 
-def large_scale_jitter(image: Tensor, targets: list[dict[str, Tensor]], size: int,
-                       scale_range: tuple[float, float],
-                       generator: torch.Generator | None = None
-                       ) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """(3, H, W) uint8 ``image`` and its ``targets`` (each a dict with ``boxes``) -> the
-    (3, ``size``, ``size``) jittered image and the targets in it (:func:`crop_target`).
-    The scale and the window come from ``generator`` (the global RNG when None)."""
+def draw_window(height: int, width: int, size: int, scale_range: tuple[float, float],
+                generator: torch.Generator | None = None) -> tuple[int, ...]:
+    """A large-scale jitter window (:func:`jitter_window`) for an image of ``height`` x
+    ``width``: the scale drawn from U(``scale_range``), then its place, from ``generator``
+    (the global RNG when None)."""
     low, high = scale_range
     scale = low + (high - low) * float(torch.rand((), generator=generator))
     u = torch.rand(2, generator=generator).tolist()
-    window = jitter_window(image.shape[-2], image.shape[-1], size, scale, (u[0], u[1]))
+    return jitter_window(height, width, size, scale, (u[0], u[1]))
+
+
+def window_masks(segmentations: list, image_size: tuple[int, int], window: tuple[int, ...],
+                 size: int, flipped: bool = False) -> Tensor:
+    """(N, ``size``, ``size``) uint8 masks of N COCO segmentations of an ``image_size`` (H, W)
+    image, drawn straight into a jitter ``window`` (:func:`jitter_window`), mirrored first
+    when ``flipped``: what :func:`crop_target` makes of full-size masks, with the polygons
+    rasterised at the size they are used (LVIS images hold hundreds of objects: full-size
+    masks of them all are hundreds of MB a sample). An RLE (a dict) is decoded at full size
+    and resized (nearest), as before; an empty segmentation gives an empty mask."""
+    from pycocotools import mask as mask_utils
+
+    from distill.data.coco import decode_mask
+
+    top, left, crop_h, crop_w, out_h, out_w = window
+    height, width = image_size
+    sx, sy = out_w / crop_w, out_h / crop_h
+    out = torch.zeros(len(segmentations), size, size, dtype=torch.uint8)
+    for k, seg in enumerate(segmentations):
+        if isinstance(seg, dict):  # RLE: full size, then as crop_target does
+            m = torch.from_numpy(decode_mask(seg, height, width))
+            m = m.flip(-1) if flipped else m
+            out[k, :out_h, :out_w] = TF.resized_crop(
+                m[None], top, left, crop_h, crop_w, [out_h, out_w],
+                interpolation=InterpolationMode.NEAREST)[0]
+            continue
+        moved = []
+        for part in seg or []:
+            if len(part) < 6:
+                continue
+            xy = torch.tensor(part, dtype=torch.float64).view(-1, 2)
+            if flipped:
+                xy[:, 0] = width - xy[:, 0]
+            xy = (xy - xy.new_tensor([left, top])) * xy.new_tensor([sx, sy])
+            moved.append(xy.flatten().tolist())
+        if moved:
+            rle = mask_utils.merge(mask_utils.frPyObjects(moved, size, size))
+            out[k] = torch.from_numpy(mask_utils.decode(rle))
+    out[:, out_h:] = 0
+    out[:, :, out_w:] = 0
+    return out
+
+
+def large_scale_jitter(image: Tensor, targets: list[dict[str, Tensor]], size: int,
+                       scale_range: tuple[float, float],
+                       generator: torch.Generator | None = None,
+                       window: tuple[int, ...] | None = None
+                       ) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """(3, H, W) uint8 ``image`` and its ``targets`` (each a dict with ``boxes``) -> the
+    (3, ``size``, ``size``) jittered image and the targets in it (:func:`crop_target`).
+    The scale and the window come from ``generator`` (the global RNG when None), unless
+    ``window`` (:func:`draw_window`) is given."""
+    if window is None:
+        window = draw_window(image.shape[-2], image.shape[-1], size, scale_range, generator)
     top, left, crop_h, crop_w, out_h, out_w = window
     image = TF.resized_crop(image, top, left, crop_h, crop_w, [out_h, out_w], antialias=True)
     canvas = torch.tensor(PAD_RGB, dtype=image.dtype)[:, None, None].expand(3, size, size)

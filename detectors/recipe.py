@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from detectors import TOWER_BUILDERS, ViLD, build_detector
-from detectors.augment import hflip_target, large_scale_jitter
+from detectors.augment import draw_window, hflip_target, large_scale_jitter, window_masks
 from detectors.inference import evaluate_detector, write_proposals
 from distill.baron import GRID, PseudoWords, bag_outputs, bag_seeds, drop_words, sample_bags
 from distill.cache import EmbeddingCache, open_cache
@@ -85,9 +85,13 @@ class DistillationSet(torch.utils.data.Dataset):
         return self.sample(i, None)
 
     def sample(self, i: int, generator: torch.Generator | None) -> dict:
-        s = self.data[i]
+        # masks under the jitter are drawn from the polygons into the window at the end
+        lazy = getattr(self.data, "with_masks", False) and self.scale_jitter is not None
+        s = self.data.read(i, masks="raw") if lazy else self.data[i]
         image = s["image"]
         target = {k: s[k] for k in ("boxes", "labels", "masks") if k in s}
+        if lazy:
+            target["row"] = torch.arange(len(target["boxes"]))
         distill = sources = None
         if self.cache is not None:
             rec = self.cache.get(s["image_id"])
@@ -103,12 +107,20 @@ class DistillationSet(torch.utils.data.Dataset):
                 pick = torch.randperm(len(distill["boxes"]), generator=generator)[:k]
                 distill = {key: v[pick] for key, v in distill.items()}
         moved = [target] + [t for t in (distill, sources) if t is not None]
-        if self.flip and torch.rand((), generator=generator) < 0.5:
+        flipped = self.flip and bool(torch.rand((), generator=generator) < 0.5)
+        if flipped:
             image = image.flip(-1)
             moved = [hflip_target(t, image.shape[-1]) for t in moved]
         if self.scale_jitter is not None:
+            window = draw_window(image.shape[-2], image.shape[-1], self.size, self.scale_jitter,
+                                 generator)
+            size = tuple(image.shape[-2:])
             image, moved = large_scale_jitter(image, moved, self.size, self.scale_jitter,
-                                              generator)
+                                              window=window)
+            if lazy:  # the boxes' surviving rows' masks, drawn in the window
+                rows = moved[0].pop("row").tolist()
+                moved[0]["masks"] = window_masks([s["segmentations"][r] for r in rows], size,
+                                                 window, self.size, flipped)
         target, distill = moved[0], (moved[1] if distill is not None else None)
         out = {"image": image, "target": target, "distill": distill, "image_id": s["image_id"]}
         if self.bags is not None and sources is not None:

@@ -306,3 +306,7 @@ def test_gpu_smoke_bench_runs_every_real_config_at_toy_sizes(tmp_path):
         assert r["ddp"] and r["device"] == "cpu" and r["batch"] == 2
         assert r["s_per_iter"] > 0 and r["images_per_s"] > 0 and r["peak_memory_gib"] > 0
         assert f"| {r['config']} | cpu | {r['input']} | 2 |" in done.stdout
+    for r in rows[:2]:  # the detectors: sharded evaluation and the teacher's precision
+        assert r["eval_images"] == 1 and r["eval_images_per_s_total"] > 0
+        # on the CPU the teacher runs float32 whatever amp_dtype says: the same embeddings
+        assert r["teacher_amp_dtype"] is None and r["regions_amp_min_cosine"] == 1.0

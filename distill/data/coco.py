@@ -359,6 +359,13 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Sample dict (see the module docstring) for the i-th image of ``ids``."""
+        return self.read(i)
+
+    def read(self, i: int, masks: str = "decoded") -> dict[str, Any]:
+        """:meth:`__getitem__`; with ``masks="raw"`` (and ``with_masks``) the kept
+        annotations' segmentations as they are in the file (``segmentations``: a list, one
+        per box) instead of decoded ``masks``, for a caller that draws them at the size it
+        uses (detectors.augment.window_masks)."""
         out, kept = self._targets(i, *self.record(i))
         image = load_image(out["file_name"])
         h, w = out["height"], out["width"]
@@ -366,7 +373,9 @@ class CocoDetection(Dataset):
             raise DatasetError(f"image {out['file_name']} is {image.shape[1]}x{image.shape[2]} "
                                f"(HxW) but {self.instances_json.name} says {h}x{w}")
         out["image"] = image
-        if self.with_masks:
+        if self.with_masks and masks == "raw":
+            out["segmentations"] = [a.get("segmentation") for a in kept]
+        elif self.with_masks:
             masks = [decode_mask(a["segmentation"], h, w) if a.get("segmentation")
                      else np.zeros((h, w), np.uint8) for a in kept]
             out["masks"] = (torch.from_numpy(np.stack(masks)) if masks

@@ -178,16 +178,21 @@ def refine_and_save(cfg: ExperimentConfig, progress: bool = True, argv: list[str
     """:func:`refine`, then ``cfg.refine.output`` and, beside it, ``<name>.json``: the command,
     images, iterations and seconds, and ``measure(teacher)`` of the teacher before and after
     (e.g. crop and dense zero-shot accuracy), when given."""
+    from distill.engine import get_rank, get_world_size, scale_to_batch
+
     t = time.perf_counter()
     frozen, model = refine(cfg, progress)
     seconds = round(time.perf_counter() - t, 1)
     out = Path(cfg.refine.output)
-    save_clip(model, out)
+    run = scale_to_batch(cfg.train, get_world_size())[0]  # what trained (train.reference_batch)
     record = {"checkpoint": str(out), "command": " ".join(argv),
               "teacher": dataclasses.asdict(cfg.teacher), "refine": dataclasses.asdict(cfg.refine),
-              "train": dataclasses.asdict(cfg.train), "seconds": seconds,
-              "iterations": cfg.train.max_iters,
-              "images_seen": cfg.train.max_iters * cfg.train.batch_size}
+              "train": dataclasses.asdict(run), "seconds": seconds,
+              "iterations": run.max_iters,
+              "images_seen": run.max_iters * run.batch_size * get_world_size()}
+    if get_rank() != 0:  # under torchrun: one file, one measure, by rank 0
+        return record
+    save_clip(model, out)
     if measure is not None:
         after = Teacher.from_config(dataclasses.replace(cfg.teacher, pretrained=str(out)))
         record["before"], record["after"] = measure(frozen), measure(after)
