@@ -8,7 +8,8 @@ file grows as OV-COCO's 118k x 1000 boxes do; extraction reads only its own imag
 extraction runs in a fresh process, which reports its peak RSS. Beside it, the peak RSS of
 a process that reads the same file whole into per-image arrays (what ``load_proposals``
 did before it read lazily) shows what the file would cost. One table: file size, then
-both peaks; flat = extraction's peak does not grow with the file.
+both peaks (``VmHWM``, the peak RSS since the program started); flat = extraction's peak
+does not grow with the file.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from distill.data.proposals import save_proposals  # noqa: E402
 from distill.data.synthetic import generate_world  # noqa: E402
 
 WORLD = dict(num_train=16, num_val=4, image_size=96)
-PEAK = "import resource; print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+# VmHWM, the peak RSS of this program since its exec: getrusage's ru_maxrss would carry the
+# forking parent's RSS over the exec (and the parent holds the proposals it wrote)
+PEAK = ("import re; print('PEAK_KIB', re.search(r'VmHWM:\\s+(\\d+)', "
+        "open('/proc/self/status').read()).group(1))")
 EXTRACT = "import sys; from tools import extract; rc = extract.main(sys.argv[1:]); " + PEAK
 EAGER = ("import sys; from safetensors.numpy import load_file; t = load_file(sys.argv[1]); "
          "import numpy as np; s = np.concatenate([[0], np.cumsum(t['counts'])]); "

@@ -23,13 +23,13 @@ plus anything the writer adds (e.g. the RPN's config).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from distill.config import CacheConfig, ConfigError
@@ -86,65 +86,107 @@ def save_proposals(path: str | os.PathLike, proposals: Mapping[int, Any],
         raise
 
 
+_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32,
+           "I64": np.int64}
+_NEED = {"image_ids": 1, "counts": 1, "boxes": 2, "scores": 1}  # name -> number of dimensions
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> {dtype, shape, data_offsets}) and where its data
+    starts; read with plain file reads, so no byte of the data is mapped into memory."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 * 2**20 or n + 8 > path.stat().st_size:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ProposalsError(f"{path}: not a proposals file (not safetensors: "
+                             f"{' '.join(str(e).split())[:120]})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 class ProposalsFile(Mapping):
     """A proposals file read lazily: ``{image id: (boxes (N, 4) float32 xyxy, scores (N,)
-    float32)}`` as a read-only mapping that holds only the ids and counts in memory and
-    reads each image's rows from the file when asked (safetensors slices of the memory-mapped
-    file): extraction on OV-COCO's 2.2 GB file keeps the memory of one image's boxes. The
-    header, ids and counts are checked at open; each image's values when read."""
+    float32)}`` as a read-only mapping that holds the ids and counts (three int64 arrays) and
+    reads each image's rows from the file when asked (``os.pread`` at the tensor's offset:
+    nothing else of the file enters the process). Extraction on OV-COCO's 2.2 GB file keeps
+    the memory of one image's boxes. The header, ids and counts are checked at open; each
+    image's values when read."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"proposals file not found: {self.path}")
-        try:
-            with safe_open(str(self.path), "np") as f:
-                names = set(f.keys())
-                need = {"image_ids": 1, "counts": 1, "boxes": 2, "scores": 1}
-                shapes = {k: f.get_slice(k).get_shape() for k in need if k in names}
-                bad = [k for k, nd in need.items() if k not in shapes or len(shapes[k]) != nd]
-                if bad:
-                    raise ProposalsError(f"{self.path}: not a proposals file (missing or "
-                                         f"malformed {', '.join(bad)})")
-                ids, counts = f.get_tensor("image_ids"), f.get_tensor("counts")
-        except (SafetensorError, OSError, ValueError) as e:
-            if isinstance(e, ProposalsError):
-                raise
-            raise ProposalsError(f"{self.path}: not a proposals file "
-                                 f"({' '.join(str(e).split())[:150]})") from None
-        n_boxes, n_scores = shapes["boxes"][0], shapes["scores"][0]
-        if (len(ids) != len(counts) or tuple(shapes["boxes"][1:]) != (4,)
-                or n_boxes != n_scores or counts.sum() != n_boxes or (counts < 0).any()):
+        header, self._data = _header(self.path)
+        bad = [k for k, nd in _NEED.items() if k not in header
+               or len(header[k].get("shape", ())) != nd or header[k].get("dtype") not in _DTYPES]
+        if bad:
+            raise ProposalsError(f"{self.path}: not a proposals file (missing or malformed "
+                                 f"{', '.join(bad)})")
+        self._tensors = {k: (_DTYPES[header[k]["dtype"]], tuple(header[k]["shape"]),
+                             int(header[k]["data_offsets"][0])) for k in _NEED}
+        self._fd: int | None = None
+        ids, counts = self._read("image_ids", 0, -1), self._read("counts", 0, -1)
+        shape_b, shape_s = self._tensors["boxes"][1], self._tensors["scores"][1]
+        if (len(ids) != len(counts) or shape_b[1:] != (4,) or shape_b[0] != shape_s[0]
+                or counts.sum() != shape_b[0] or (counts < 0).any()):
             raise ProposalsError(f"{self.path}: inconsistent sizes (image_ids {ids.shape}, "
-                                 f"counts sum {int(counts.sum())}, boxes {tuple(shapes['boxes'])}, "
-                                 f"scores {tuple(shapes['scores'])})")
+                                 f"counts sum {int(counts.sum())}, boxes {shape_b}, "
+                                 f"scores {shape_s})")
         if len(np.unique(ids)) != len(ids):
             raise ProposalsError(f"{self.path}: image ids repeat")
-        starts = (np.cumsum(counts) - counts).astype(np.int64)
-        self._rows = dict(zip(ids.tolist(), zip(starts.tolist(), counts.tolist(),
-                                                strict=True), strict=True))
-        self._file = None
+        self._ids, self._counts = ids.astype(np.int64), counts.astype(np.int64)
+        self._starts = np.cumsum(self._counts) - self._counts
+        self._order = np.argsort(self._ids, kind="stable")
+        self._sorted = self._ids[self._order]
 
-    def __getstate__(self) -> dict:  # a loader worker opens its own view of the file
-        return {**self.__dict__, "_file": None}
+    def _read(self, name: str, start: int, count: int) -> np.ndarray:
+        """Rows ``start .. start + count`` (all rows for count -1) of tensor ``name``."""
+        dtype, shape, offset = self._tensors[name]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        count = shape[0] - start if count < 0 else count
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, count * row, self._data + offset + start * row)
+        if len(data) != count * row:
+            raise ProposalsError(f"{self.path}: truncated ({name} rows {start}..{start + count})")
+        return np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+
+    def __getstate__(self) -> dict:  # a loader worker opens its own descriptor
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def _position(self, image_id: object) -> int | None:
+        try:
+            key = int(image_id)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return None
+        k = int(np.searchsorted(self._sorted, key))
+        return int(self._order[k]) if k < len(self._sorted) and self._sorted[k] == key else None
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._ids)
 
     def __iter__(self):
-        return iter(self._rows)
+        return (int(i) for i in self._ids)
 
     def __contains__(self, image_id: object) -> bool:
-        return image_id in self._rows
+        return self._position(image_id) is not None
 
     def __getitem__(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-        start, count = self._rows[int(image_id)]
-        if self._file is None:
-            self._file = safe_open(str(self.path), "np")
-        if count == 0:  # an empty slice is refused by safetensors
-            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-        boxes = self._file.get_slice("boxes")[start:start + count].astype(np.float32)
-        scores = self._file.get_slice("scores")[start:start + count].astype(np.float32)
+        k = self._position(image_id)
+        if k is None:
+            raise KeyError(image_id)
+        start, count = int(self._starts[k]), int(self._counts[k])
+        boxes = self._read("boxes", start, count).astype(np.float32)
+        scores = self._read("scores", start, count).astype(np.float32)
         if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise ProposalsError(f"{self.path}: boxes or scores of image {image_id} hold "
                                  f"non-finite values")
@@ -156,20 +198,26 @@ def load_proposals(path: str | os.PathLike) -> ProposalsFile:
     return ProposalsFile(path)
 
 
-def tensors_sha256(path: str | os.PathLike, rows: int = 1 << 20) -> str:
+def tensors_sha256(path: str | os.PathLike, chunk: int = 16 * 2**20) -> str:
     """sha256 over a safetensors file's tensors (names and bytes in name order): the file's
     own bytes are not stable, its header lists the metadata in a different order each write.
-    Read ``rows`` rows at a time: memory stays flat whatever the file's size."""
+    Streams each tensor's bytes from the file ``chunk`` bytes at a time (plain reads, no
+    mapping): memory stays flat whatever the file's size."""
+    path = Path(path)
+    header, data = _header(path)
     digest = hashlib.sha256()
-    with safe_open(str(path), "np") as f:
-        for name in sorted(f.keys()):
+    with open(path, "rb") as f:
+        for name in sorted(header):
+            begin, end = (int(v) for v in header[name]["data_offsets"])
             digest.update(name.encode())
-            part = f.get_slice(name)
-            n = part.get_shape()[0] if part.get_shape() else 0
-            if not part.get_shape():  # a scalar tensor
-                digest.update(f.get_tensor(name).tobytes())
-            for start in range(0, n, rows):
-                digest.update(np.ascontiguousarray(part[start:min(start + rows, n)]).tobytes())
+            f.seek(data + begin)
+            left = end - begin
+            while left > 0:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise ProposalsError(f"{path}: truncated in tensor {name}")
+                digest.update(block)
+                left -= len(block)
     return digest.hexdigest()
 
 

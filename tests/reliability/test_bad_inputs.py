@@ -284,13 +284,18 @@ def test_cache_from_another_dataset(tiny, base, tmp_path, capsys):
 
 
 def test_corrupt_cache_shard(tiny, base, tmp_path, capsys):
+    """A flipped byte is found by ``tools.extract --verify`` (a student's start checks only the
+    shards' sizes: issue 33); a shard cut short stops the student at its start."""
     store = _store_copy(tiny, base, "corrupt")
     shard = store / "shard-00001.bin"
     data = bytearray(shard.read_bytes())
     data[7] ^= 0xFF
     shard.write_bytes(bytes(data))
-    fails(train, ["--no-progress", *tiny.train(tmp_path / "run", "corrupt")], capsys,
+    fails(extract, ["--no-progress", *tiny.extract("corrupt"), "--verify"], capsys,
           f"cache shard {shard} is corrupt", "rerun extraction with the same command")
+    shard.write_bytes(bytes(data[:-3]))
+    fails(train, ["--no-progress", *tiny.train(tmp_path / "run", "corrupt")], capsys,
+          f"cache shard {shard} is truncated", "rerun extraction with the same command")
 
 
 # --------------------------------------------------------------------------- checkpoints
