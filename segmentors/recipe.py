@@ -111,11 +111,15 @@ def teacher_logits(teacher: Teacher, images: torch.Tensor, text: torch.Tensor,
     """images (B, 3, H, W) uint8 -> dense embeddings (B, D, h, w) and text logits (B, C, h, w),
     the logits refined by MaskCLIP's key smoothing / prompt denoising when those are > 0.
     ``dense``: the embeddings already at hand (the cache); the tower then does not run."""
-    if dense is None:
+    keys = None
+    if dense is None and key_smoothing > 0:  # one pass of the tower for both
+        dense, keys = teacher.dense(images, with_keys=True)
+    elif dense is None:
         dense = teacher.dense(images)
     logits = torch.einsum("bdhw,cd->bchw", dense, text) / teacher.temperature
     if key_smoothing > 0 or prompt_denoising > 0:
-        keys = teacher.dense(images, keys=True) if key_smoothing > 0 else None
+        if key_smoothing > 0 and keys is None:
+            keys = teacher.dense(images, keys=True)
         logits = refine_logits(logits, keys, key_smoothing, prompt_denoising)
     return dense, logits
 

@@ -464,6 +464,12 @@ def test_dense_keys_are_the_last_attention_keys(vit, rn):
     torch.testing.assert_close(keys, k, atol=1e-4, rtol=1e-4)
     rk = rn.dense(img, keys=True)
     assert rk.shape == (rn.model.visual.attnpool.k_proj.out_features, 2, 3)
+    # one pass of the tower gives both (a MaskCLIP+ training batch with key smoothing)
+    for teacher, want in ((vit, keys), (rn, rk)):
+        for batch in (img, img[None]):
+            dense, both = teacher.dense(batch, with_keys=True)
+            assert torch.equal(dense, teacher.dense(batch))
+            assert torch.equal(both, want if batch.dim() == 3 else want[None])
 
 
 def test_prompt_denoising_drops_classes_never_confident():

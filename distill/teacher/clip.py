@@ -551,7 +551,8 @@ class Teacher(nn.Module):
         return max(sy, round(height / sy) * sy), max(sx, round(width / sx) * sx)
 
     def dense(self, image: Tensor, size: int | tuple[int, int] | None = None,
-              mode: str | None = None, keys: bool = False) -> Tensor:
+              mode: str | None = None, keys: bool = False,
+              with_keys: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """MaskCLIP pixel embeddings: (3, H, W) -> (D, h, w), or (B, 3, H, W) -> (B, D, h, w).
 
         The image is resized (bilinear, antialiased) to ``size`` or to
@@ -559,7 +560,8 @@ class Teacher(nn.Module):
         embeddings are interpolated to the grid), run once through the tower with
         ``mode`` (default ``dense_mode``) and L2-normalised per location.
         ``h, w = size / stride``. ``keys``: the last attention's keys on the same grid
-        instead (not normalised), for MaskCLIP's key smoothing.
+        instead (not normalised), for MaskCLIP's key smoothing; ``with_keys``: (embeddings,
+        keys) from one pass of the tower.
         """
         single = image.dim() == 3
         with torch.inference_mode():
@@ -572,10 +574,16 @@ class Teacher(nn.Module):
                 x = F.interpolate(x, size=target, mode="bilinear", align_corners=False,
                                   antialias=True)
             with self.autocast():
-                feats = dense_features(self.dense_tower, x, mode or self.dense_mode, keys)
-            feats = feats.float() if keys else F.normalize(feats.float(), dim=1)
-        feats = feats.clone()
-        return feats[0] if single else feats
+                out = dense_features(self.dense_tower, x, mode or self.dense_mode, keys,
+                                     with_keys)
+            feats, k = out if with_keys else ((None, out) if keys else (out, None))
+            if feats is not None:
+                feats = F.normalize(feats.float(), dim=1).clone()
+            if k is not None:
+                k = k.float().clone()
+        if single:
+            feats, k = (None if feats is None else feats[0]), (None if k is None else k[0])
+        return (feats, k) if with_keys else (k if keys else feats)
 
 
 def build_teacher(

@@ -93,9 +93,10 @@ def _keys(block: nn.Module, y: Tensor) -> Tensor:
 
 
 def vit_dense(visual: VisionTransformer, x: Tensor, mode: str = "maskclip",
-              keys: bool = False) -> Tensor:
+              keys: bool = False, with_keys: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """x (B, 3, H, W) normalised, H and W multiples of the patch size -> (B, D, H/p, W/p);
-    ``keys``: the last block's attention keys (B, C, H/p, W/p) instead."""
+    ``keys``: the last block's attention keys (B, C, H/p, W/p) instead; ``with_keys``: both,
+    from one pass of the tower (MaskCLIP's key smoothing beside the features)."""
     if mode not in DENSE_MODES:
         raise ConfigError(f"dense_mode must be one of {DENSE_MODES}, got '{mode}'")
     if visual.attn_pool is not None or visual.proj is None:
@@ -117,41 +118,50 @@ def vit_dense(visual: VisionTransformer, x: Tensor, mode: str = "maskclip",
     if not batch_first:
         t = t.transpose(0, 1)
     last = blocks[-1]
+    y = last.ln_1(t)
+    k = _keys(last, y)[:, 1:].transpose(1, 2).reshape(b, -1, *grid) if keys or with_keys \
+        else None
     if keys:
-        return _keys(last, last.ln_1(t))[:, 1:].transpose(1, 2).reshape(b, -1, *grid)
-    out = _value_path(last, last.ln_1(t))
+        return k
+    out = _value_path(last, y)
     if mode == "maskclip":
         t = t + last.ls_1(out)
         t = t + last.ls_2(last.mlp(last.ln_2(t)))
     else:
         t = out
     t = visual.ln_post(t) @ visual.proj  # (B, 1 + gh*gw, D)
-    return t[:, 1:].transpose(1, 2).reshape(b, -1, *grid)
+    t = t[:, 1:].transpose(1, 2).reshape(b, -1, *grid)
+    return (t, k) if with_keys else t
 
 
-def resnet_dense(visual: ModifiedResNet, x: Tensor, keys: bool = False) -> Tensor:
+def resnet_dense(visual: ModifiedResNet, x: Tensor, keys: bool = False,
+                 with_keys: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """x (B, 3, H, W) normalised, H and W multiples of 32 -> (B, D, H/32, W/32); ``keys``:
     the attention pool's keys (B, C, H/32, W/32) instead (its positional embedding left out,
-    as it is sized for the pretraining grid)."""
+    as it is sized for the pretraining grid); ``with_keys``: both, from one pass."""
     t = visual.stem(x.to(visual.conv1.weight.dtype))
     t = visual.layer4(visual.layer3(visual.layer2(visual.layer1(t))))
     pool = visual.attnpool
+    k = F.conv2d(t, pool.k_proj.weight[:, :, None, None], pool.k_proj.bias) \
+        if keys or with_keys else None
     if keys:
-        return F.conv2d(t, pool.k_proj.weight[:, :, None, None], pool.k_proj.bias)
+        return k
     t = F.conv2d(t, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
-    return F.conv2d(t, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+    t = F.conv2d(t, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+    return (t, k) if with_keys else t
 
 
 def dense_features(visual: nn.Module, x: Tensor, mode: str = "maskclip",
-                   keys: bool = False) -> Tensor:
+                   keys: bool = False, with_keys: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Dispatch on the tower type: x (B, 3, H, W) normalised -> (B, D, h, w), not normalised
-    (``keys``: the last attention's keys (B, C, h, w), for MaskCLIP's key smoothing)."""
+    (``keys``: the last attention's keys (B, C, h, w), for MaskCLIP's key smoothing;
+    ``with_keys``: (features, keys) from one pass)."""
     if mode not in DENSE_MODES:
         raise ConfigError(f"dense_mode must be one of {DENSE_MODES}, got '{mode}'")
     if isinstance(visual, VisionTransformer):
-        return vit_dense(visual, x, mode, keys)
+        return vit_dense(visual, x, mode, keys, with_keys)
     if isinstance(visual, ModifiedResNet):
-        return resnet_dense(visual, x, keys)
+        return resnet_dense(visual, x, keys, with_keys)
     dense_stride(visual)  # raises DenseUnsupported
     raise AssertionError
 
