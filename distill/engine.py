@@ -135,40 +135,50 @@ def shard(n: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
+_HOST_GROUP: tuple[Any, Any] = (None, None)  # (the default group it was made for, the group)
+
+
+def host_group():
+    """The process group for Python objects and CPU tensors: the default one under gloo, and
+    beside NCCL a gloo group over the same processes (made once, by every rank at its first
+    use), as detectron2 does, so the detections gathered for an evaluation (LVIS: GBs of
+    masks as RLE) stay in host memory instead of passing through each GPU."""
+    global _HOST_GROUP
+    if dist.get_backend() != "nccl":
+        return None
+    world = dist.group.WORLD
+    if _HOST_GROUP[0] is not world:  # none yet, or the default group was made anew
+        _HOST_GROUP = (world, dist.new_group(backend="gloo"))
+    return _HOST_GROUP[1]
+
+
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks); ``[obj]`` in one
-    process. Objects travel pickled over the process group (gloo or NCCL)."""
+    process. Objects travel pickled over :func:`host_group`."""
     if get_world_size() == 1:
         return [obj]
-    if dist.get_backend() == "nccl":  # NCCL moves objects through this rank's GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = [None] * get_world_size() if get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=host_group())
     return out
 
 
 def reduce_over_ranks(*tensors: torch.Tensor, op: str = "sum") -> None:
-    """Each tensor summed (``op="sum"``: sharded counts, a segmenter's confusion matrix) or
-    maxed (``"max"``) over every rank, in place; nothing in one process. CPU tensors travel
-    through this rank's GPU under NCCL."""
+    """Each CPU tensor summed (``op="sum"``: sharded counts, a segmenter's confusion matrix)
+    or maxed (``"max"``) over every rank, in place, over :func:`host_group`; nothing in one
+    process."""
     if get_world_size() == 1:
         return
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-              if dist.get_backend() == "nccl" else None)
     for t in tensors:
-        moved = t.to(device) if device is not None else t
-        dist.all_reduce(moved, op=reduce_op)
-        if moved is not t:
-            t.copy_(moved.cpu())
+        dist.all_reduce(t, op=reduce_op, group=host_group())
 
 
 def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    """Rank 0's ``obj`` on every rank (``obj`` itself in one process), over :func:`host_group`."""
     if get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=host_group())
     return box[0]
 
 
