@@ -38,7 +38,6 @@ FORMAT = "ovdistill-proposals"
 VERSION = "1"
 BUILTIN = ("gt", "jitter")
 
-Proposals = dict[int, tuple[np.ndarray, np.ndarray]]  # image id -> (boxes (N, 4), scores (N,))
 
 
 class ProposalsError(ValueError):
