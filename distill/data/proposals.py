@@ -39,7 +39,6 @@ VERSION = "1"
 BUILTIN = ("gt", "jitter")
 
 
-
 class ProposalsError(ValueError):
     """A proposals file cannot be used; the message is one line naming the file."""
 
