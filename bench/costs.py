@@ -51,8 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from detectors import build_detector  # noqa: E402
+from detectors.criterion import DetectionCriterion  # noqa: E402
 from distill.config import load_config  # noqa: E402
-from distill.losses import Criterion  # noqa: E402
 from distill.teacher import build_teacher  # noqa: E402
 from segmentors import build_segmenter  # noqa: E402
 from segmentors.inference import window_starts  # noqa: E402
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     pxy = torch.rand(PROPOSALS, 2) * 800
     distill = {"boxes": torch.cat([pxy, pxy + 16 + torch.rand(PROPOSALS, 2) * 200], 1),
                "embeddings": F.normalize(torch.randn(PROPOSALS, dim), dim=-1)}
-    criterion = Criterion({"vild_text": 1.0, "box_reg": 1.0, "vild_image": 0.5,
+    criterion = DetectionCriterion({"vild_text": 1.0, "box_reg": 1.0, "vild_image": 0.5,
                            "objectness": 1.0, "rpn_box_reg": 1.0})
 
     def step(model, sample):

@@ -25,7 +25,6 @@ and writes them as JSON with ``--output``. The configs' schedules are run as wri
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -40,13 +39,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors import recipe as detection  # noqa: E402
+from detectors.criterion import DetectionCriterion  # noqa: E402
 from distill import engine  # noqa: E402
 from distill.config import load_config  # noqa: E402
 from distill.data.coco import collate  # noqa: E402
 from distill.data.semantic import IGNORE, collate_semantic  # noqa: E402
-from distill.losses import build_criterion  # noqa: E402
 from distill.teacher import Teacher  # noqa: E402
 from segmentors import recipe as segmentation  # noqa: E402
+from segmentors.criterion import SegmentationCriterion  # noqa: E402
 from segmentors.inference import segment_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def run(bench: str, device: str, steps: int, images: int, tiny: bool) -> dict:
             data = RandomDetection(cfg.train.batch_size * steps, size, classes,
                                    cfg.cache.num_proposals, teacher.embed_dim,
                                    masks=cfg.model.mask_head)
-            criterion = build_criterion(**dataclasses.asdict(cfg.loss))
+            criterion = DetectionCriterion.from_config(cfg.loss)
             engine.train(model, detection.training_step(criterion, distill=True), data,
                          cfg.train, tmp, criterion=criterion, collate_fn=collate,
                          tensorboard=False, progress=False)
@@ -169,7 +169,7 @@ def run(bench: str, device: str, steps: int, images: int, tiny: bool) -> dict:
             model.set_vocabulary(text)
             size = cfg.seg.crop_size
             data = RandomSegmentation(cfg.train.batch_size * steps, size, classes)
-            criterion = segmentation.build_criterion(cfg.seg)
+            criterion = SegmentationCriterion.from_config(cfg.seg)
             engine.train(model, segmentation.training_step(criterion, teacher, text, cfg.seg),
                          data, cfg.train, tmp, criterion=criterion, collate_fn=collate_semantic,
                          tensorboard=False, progress=False)

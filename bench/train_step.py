@@ -26,8 +26,8 @@ from torchvision.models.detection import FasterRCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors import build_detector  # noqa: E402
+from detectors.criterion import DetectionCriterion  # noqa: E402
 from distill.backbones import resnet_fpn  # noqa: E402
-from distill.losses import Criterion  # noqa: E402
 
 
 def batch(n: int, size: int, proposals: int, dim: int, g: torch.Generator):
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                              roi_sampling_ratio=a.roi_sampling_ratio)
     depth = int(a.model.split("_r")[1].split("_")[0])
     student.set_vocabulary(F.normalize(torch.randn(12, dim), dim=-1))
-    criterion = Criterion()
+    criterion = DetectionCriterion()
     # the same parts, with torchvision's own box head / predictor / losses
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     frcnn = FasterRCNN(resnet_fpn(depth, (2, 3, 4), 64, "gn"), num_classes=None,

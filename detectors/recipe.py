@@ -22,6 +22,7 @@ import torch
 
 from detectors import TOWER_BUILDERS, ViLD, build_detector
 from detectors.augment import draw_window, hflip_target, large_scale_jitter, window_masks
+from detectors.criterion import DetectionCriterion
 from detectors.inference import evaluate_detector, write_proposals
 from distill.baron import GRID, PseudoWords, bag_outputs, bag_seeds, drop_words, sample_bags
 from distill.cache import EmbeddingCache, open_cache
@@ -44,7 +45,6 @@ from distill.engine import (
     seed_all,
 )
 from distill.engine import train as train_loop
-from distill.losses import build_criterion
 from distill.teacher import Teacher
 
 
@@ -283,8 +283,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
                 {"train": data.skipped, "val": val.skipped}, indent=1) + "\n")
             print(f"data.on_error=skip: left out {len(data.skipped)} train and "
                   f"{len(val.skipped)} val records or images, listed in {out / 'skipped.json'}")
-        criterion = build_criterion(**dataclasses.asdict(cfg.loss),
-                                    words=build_bag_words(cfg, teacher))
+        criterion = DetectionCriterion.from_config(cfg.loss, words=build_bag_words(cfg, teacher))
         loss_fn = training_step(criterion, distill=cfg.loss.vild_image > 0,
                                 teacher=teacher if cfg.loss.bag > 0 else None)
 

@@ -19,7 +19,7 @@ detection gets channel 0's probabilities, pasted at image resolution
 The vocabulary is an input: :meth:`ViLD.set_vocabulary` swaps the text
 embeddings (and which classes are novel) without touching the weights.
 
-Training forward returns what :class:`distill.losses.Criterion` needs from the model
+Training forward returns what :class:`detectors.criterion.DetectionCriterion` needs from the model
 (it holds no loss code apart from torchvision's RPN); the teacher's embeddings of the
 cached boxes are targets, in the same order:
 

@@ -8,7 +8,8 @@ text tower; the frozen text tower reads the bag's words as one sentence
 (:meth:`distill.teacher.Teacher.pseudo_text`, gradients flow back through it to the
 student) and its embedding is aligned with the teacher's image embedding of the bag's
 enclosing box by a symmetric InfoNCE over the batch and a queue of past bags
-(:func:`distill.losses.bag_loss`, in :class:`distill.losses.Criterion`).
+(:func:`distill.losses.bag_loss`, in :class:`detectors.criterion.DetectionCriterion`, which
+keeps the queues: :class:`EmbeddingQueue`).
 
 Where the teacher's bag embeddings come from: online, the teacher's region embedding of each
 enclosing box (the same crops as the cache's) at every step. Bags are drawn anew each step
@@ -172,6 +173,55 @@ def sample_bags(seeds: Tensor, height: int, width: int, generator: torch.Generat
                     torch.zeros(0, dtype=torch.long), torch.zeros(0, max_len, 4))
     return Bags(torch.cat(boxes), torch.stack(spans), torch.stack(members),
                 torch.tensor(group), torch.stack(normed))
+
+
+class EmbeddingQueue(nn.Module):
+    """FIFO of the last ``size`` embeddings (detached), as a persistent ring buffer.
+
+    The dimension is taken from the first :meth:`enqueue` (or from a loaded state dict).
+    :meth:`contents` returns (n, D), n <= size, oldest first.
+    """
+
+    def __init__(self, size: int = 1024, dim: int | None = None) -> None:
+        super().__init__()
+        if size < 0:
+            raise ValueError(f"queue size must be >= 0, got {size}")
+        self.size = size
+        self.register_buffer("buffer", torch.zeros(size if dim else 0, dim or 0))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next slot to write
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # filled slots
+
+    def __len__(self) -> int:
+        return int(self.count)
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: Tensor) -> None:
+        """Append embeddings (N, D), dropping the oldest beyond ``size``."""
+        if self.size == 0 or embeddings.shape[0] == 0:
+            return
+        x = embeddings.detach()[-self.size:]
+        if self.buffer.shape[0] == 0:
+            self.buffer = torch.zeros(self.size, x.shape[1], dtype=torch.float32, device=x.device)
+        elif x.shape[1] != self.buffer.shape[1]:
+            raise ValueError(f"queue holds {self.buffer.shape[1]}-d embeddings, got {x.shape[1]}-d")
+        idx = (int(self.ptr) + torch.arange(x.shape[0], device=x.device)) % self.size
+        self.buffer[idx] = x.to(self.buffer)
+        self.ptr.fill_((int(self.ptr) + x.shape[0]) % self.size)
+        self.count.fill_(min(int(self.count) + x.shape[0], self.size))
+
+    def contents(self) -> Tensor:
+        """(n, D) queued embeddings, oldest first: a copy (a later :meth:`enqueue` leaves it,
+        and the graph of a loss computed from it, as it was)."""
+        n, p = int(self.count), int(self.ptr)
+        if n < self.size:
+            return self.buffer[:n].clone()
+        return torch.cat([self.buffer[p:], self.buffer[:p]], dim=0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        saved = state_dict.get(prefix + "buffer")
+        if saved is not None and saved.shape != self.buffer.shape:  # lazily sized buffer
+            self.buffer = torch.zeros_like(saved, device=self.buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def sine_positions(normed: Tensor, features: int = 32, temperature: float = 10000.0) -> Tensor:

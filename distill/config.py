@@ -198,7 +198,7 @@ class DetectorConfig:
 
 @dataclass
 class SegmenterConfig:
-    """A student segmenter (segmentors/) and its losses (distill/losses.py, MaskCLIP+).
+    """A student segmenter (segmentors/) and its losses (segmentors/criterion.py, MaskCLIP+).
 
     Variants: base-only ``supervised: 1`` (the rest 0); pixel-distilled
     ``pixel_distill: 1``; + pseudo-labels ``pseudo_label: 1``. Data: ``data_root``
@@ -271,7 +271,7 @@ class BagConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (0 disables a loss) and BARON's bag settings (distill/losses.py).
+    """Loss weights (0 disables a loss) and BARON's bag settings (detectors/criterion.py).
 
     Variants: ViLD-text ``vild_image: 0``; ViLD-image ``vild_text: 0`` (box_reg kept);
     ViLD = defaults; + BARON's bag-of-regions ``bag: 1.0``.

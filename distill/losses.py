@@ -1,13 +1,14 @@
-"""Training losses for ViLD-style students and student segmenters; they live outside
-the model.
-
-Each loss is a plain function on tensors; :class:`Criterion` (DETR-style, with a
-weight dict) is called as ``criterion(outputs, targets)`` and returns the weighted
-losses, so an exported student carries no training code. ``outputs`` is what the model
-computes, the RoI labels and regression targets its own sampler drew included (as in
-torchvision); ``targets`` is what comes from the data or the teacher: cached teacher
-region embeddings (``distill_targets``), dense targets, pseudo-label logits, label maps.
-A key may come from either, never both.
+"""Training losses of ViLD-style students and student segmenters, as plain functions on
+tensors, and :class:`WeightedLosses`, what each task's criterion shares: the detector's
+(:class:`detectors.criterion.DetectionCriterion`: ViLD-text, ViLD-image, box, mask, RPN,
+BARON's bags) and the segmenter's (:class:`segmentors.criterion.SegmentationCriterion`:
+MaskCLIP+'s pixel distillation and pseudo-labels, the supervised base-class loss). A
+criterion is called as ``criterion(outputs, targets)`` and returns the weighted losses, so
+an exported student carries no training code. ``outputs`` is what the model computes, the
+RoI labels and regression targets its own sampler drew included (as in torchvision);
+``targets`` is what comes from the data or the teacher: cached teacher region embeddings
+(``distill_targets``), dense targets, pseudo-label logits, label maps. A key may come from
+either, never both.
 
 Keys (R sampled RoIs over the batch, P cached proposals, C training vocabulary classes,
 D embedding dim):
@@ -47,9 +48,8 @@ exact 0 that stays in the autograd graph of the inputs (``x.sum() * 0``), never 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,14 +58,10 @@ from torch import Tensor, nn
 from distill.scoring import cosine_logits
 
 __all__ = [
-    "DEFAULT_WEIGHTS",
-    "Criterion",
-    "EmbeddingQueue",
     "MissingOutputError",
-    "SEG_WEIGHTS",
+    "WeightedLosses",
     "bag_loss",
     "box_regression_loss",
-    "build_criterion",
     "mask_loss",
     "pixel_distill_loss",
     "pseudo_label_loss",
@@ -341,92 +337,7 @@ def supervised_seg_loss(
     return F.cross_entropy(logits, labels, ignore_index=ignore_index)
 
 
-class EmbeddingQueue(nn.Module):
-    """FIFO of the last ``size`` embeddings (detached), as a persistent ring buffer.
-
-    The dimension is taken from the first :meth:`enqueue` (or from a loaded state dict).
-    :meth:`contents` returns (n, D), n <= size, oldest first.
-    """
-
-    def __init__(self, size: int = 1024, dim: int | None = None) -> None:
-        super().__init__()
-        if size < 0:
-            raise ValueError(f"queue size must be >= 0, got {size}")
-        self.size = size
-        self.register_buffer("buffer", torch.zeros(size if dim else 0, dim or 0))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next slot to write
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # filled slots
-
-    def __len__(self) -> int:
-        return int(self.count)
-
-    @torch.no_grad()
-    def enqueue(self, embeddings: Tensor) -> None:
-        """Append embeddings (N, D), dropping the oldest beyond ``size``."""
-        if self.size == 0 or embeddings.shape[0] == 0:
-            return
-        x = embeddings.detach()[-self.size:]
-        if self.buffer.shape[0] == 0:
-            self.buffer = torch.zeros(self.size, x.shape[1], dtype=torch.float32, device=x.device)
-        elif x.shape[1] != self.buffer.shape[1]:
-            raise ValueError(f"queue holds {self.buffer.shape[1]}-d embeddings, got {x.shape[1]}-d")
-        idx = (int(self.ptr) + torch.arange(x.shape[0], device=x.device)) % self.size
-        self.buffer[idx] = x.to(self.buffer)
-        self.ptr.fill_((int(self.ptr) + x.shape[0]) % self.size)
-        self.count.fill_(min(int(self.count) + x.shape[0], self.size))
-
-    def contents(self) -> Tensor:
-        """(n, D) queued embeddings, oldest first: a copy (a later :meth:`enqueue` leaves it,
-        and the graph of a loss computed from it, as it was)."""
-        n, p = int(self.count), int(self.ptr)
-        if n < self.size:
-            return self.buffer[:n].clone()
-        return torch.cat([self.buffer[p:], self.buffer[:p]], dim=0)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        saved = state_dict.get(prefix + "buffer")
-        if saved is not None and saved.shape != self.buffer.shape:  # lazily sized buffer
-            self.buffer = torch.zeros_like(saved, device=self.buffer.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-# --------------------------------------------------------------------------- criterion
-
-
-DEFAULT_WEIGHTS: dict[str, float] = {
-    "vild_text": 1.0,
-    "box_reg": 1.0,
-    "vild_image": 0.5,
-    "bag": 0.0,  # BARON's bag-of-regions alignment: off unless configured (BARON: 1.0)
-    "objectness": 1.0,
-    "rpn_box_reg": 1.0,
-    "mask": 1.0,  # only for a student with a mask head (see _OPTIONAL)
-}
-
-# segmenter losses (MaskCLIP+): off unless configured; MaskCLIP+ weights pseudo_label 1,
-# pixel_distill 1
-SEG_WEIGHTS: dict[str, float] = {
-    "pixel_distill": 0.0,
-    "pseudo_label": 0.0,
-    "supervised_seg": 0.0,
-}
-
-# weight name -> outputs keys it needs
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "vild_text": ("region_embeddings", "labels", "text_embeddings", "background_embedding"),
-    "box_reg": ("box_regression", "regression_targets", "labels"),
-    "vild_image": ("distill_embeddings", "distill_targets"),
-    "bag": ("bag_embeddings", "bag_targets", "bag_groups", "bag_image_ids"),
-    "objectness": ("rpn_losses",),
-    "rpn_box_reg": ("rpn_losses",),
-    "pixel_distill": ("pixel_embeddings", "dense_targets"),
-    "pseudo_label": ("pixel_logits", "teacher_pixel_logits"),
-    "supervised_seg": ("pixel_logits", "seg_labels"),
-    "mask": ("mask_logits", "mask_targets"),
-}
-
-# losses of optional heads: skipped (whatever the weight) when the outputs lack their keys
-_OPTIONAL: frozenset[str] = frozenset({"mask"})
+# --------------------------------------------------------------------------- weighting
 
 
 class MissingOutputError(KeyError):
@@ -436,164 +347,52 @@ class MissingOutputError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class Criterion(nn.Module):
-    """Weighted training losses of the student's ``outputs`` against ``targets`` (see the
-    module doc for the keys).
-
-    ``weights`` override :data:`DEFAULT_WEIGHTS` and :data:`SEG_WEIGHTS` by short name
-    (``vild_text``, ``box_reg``, ``vild_image``, ``bag``, ``objectness``,
-    ``rpn_box_reg``, ``mask``; ``pixel_distill``, ``pseudo_label``, ``supervised_seg``); an
-    unknown name raises ``KeyError``; the segmenter losses are off (absent from ``weights``)
-    unless given. :meth:`forward` returns ``{"loss_<name>": weight * loss}`` for
-    the nonzero weights only; ``mask`` only when the outputs hold the mask head's
-    ``mask_logits`` (a student without one trains as before). With ``bag`` on, ``words``
-    (:class:`distill.baron.PseudoWords`, trained with the student and checkpointed with
-    the criterion) makes the student's pseudo-words; in training mode each step's bags are
-    queued as negatives after the loss is computed (``bag_queue`` of each side, MoCo order),
-    ``bag_temperature`` divides the logits.
-    ``pixel_distill_mode`` ("l1" | "cosine"), ``pixel_distill_reduction`` ("sum" | "mean" over
-    D) and ``pseudo_label_threshold`` are passed to :func:`pixel_distill_loss` and
-    :func:`pseudo_label_loss`; ``pseudo_label_upsample`` "bilinear" takes the pseudo-labels and
-    the loss at the labels' resolution (MaskCLIP+), "nearest" at the student's. ``pseudo_label_scope``
-    "all" pseudo-labels every pixel over every class (MaskCLIP+ without annotations);
-    "unlabeled" only the pixels whose ``seg_labels`` are 255 or in ``novel_ids``, over the
-    ``novel_ids`` classes (transductive zero-shot: base pixels keep their labels).
+class WeightedLosses(nn.Module):
+    """What both tasks' criteria share (DETR's ``SetCriterion`` with its weight dict): a
+    subclass names its losses in ``DEFAULTS`` (name -> weight, in the order they are summed),
+    the output keys each needs in ``REQUIRED``, the losses of optional heads in ``OPTIONAL``
+    (skipped, whatever the weight, when the outputs lack their first key), and computes one
+    unweighted loss in :meth:`compute`. ``weights`` override ``DEFAULTS`` by name; an unknown
+    name raises ``KeyError``. ``criterion(outputs, targets)`` checks every active loss's keys
+    before computing any and returns ``{"loss_<name>": weight * loss}`` for the nonzero
+    weights.
     """
 
-    def __init__(
-        self,
-        weights: dict[str, float] | None = None,
-        bag_queue: int = 1024,
-        bag_temperature: float = 1 / 30,
-        words: nn.Module | None = None,
-        pixel_distill_mode: str = "l1",
-        pseudo_label_threshold: float | None = None,
-        pseudo_label_scope: str = "all",
-        pseudo_label_upsample: str = "nearest",
-        pixel_distill_reduction: str = "sum",
-    ) -> None:
-        super().__init__()
-        known = {**DEFAULT_WEIGHTS, **SEG_WEIGHTS}
-        unknown = sorted(set(weights or {}) - set(known))
-        if unknown:
-            raise KeyError(f"unknown loss weight(s) {unknown}; valid: {sorted(known)}")
-        if pixel_distill_mode not in ("l1", "cosine"):
-            raise ValueError(f"pixel_distill_mode must be 'l1' or 'cosine', got {pixel_distill_mode!r}")
-        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}  # segmenter losses only if given
-        self.bag_temperature = bag_temperature
-        self.words = words
-        self.pixel_distill_mode = pixel_distill_mode
-        if pseudo_label_scope not in ("all", "unlabeled"):
-            raise ValueError(f"pseudo_label_scope must be 'all' or 'unlabeled', "
-                             f"got {pseudo_label_scope!r}")
-        if pseudo_label_upsample not in ("nearest", "bilinear"):
-            raise ValueError(f"pseudo_label_upsample must be 'nearest' or 'bilinear', "
-                             f"got {pseudo_label_upsample!r}")
-        if pixel_distill_reduction not in ("sum", "mean"):
-            raise ValueError(f"pixel_distill_reduction must be 'sum' or 'mean', "
-                             f"got {pixel_distill_reduction!r}")
-        self.pseudo_label_threshold = pseudo_label_threshold
-        self.pseudo_label_scope = pseudo_label_scope
-        self.pseudo_label_upsample = pseudo_label_upsample
-        self.pixel_distill_reduction = pixel_distill_reduction
-        # BARON's queues of past bags, rows [embedding, image id]: student and teacher sides
-        self.student_bags = EmbeddingQueue(bag_queue)
-        self.teacher_bags = EmbeddingQueue(bag_queue)
+    DEFAULTS: ClassVar[dict[str, float]] = {}
+    REQUIRED: ClassVar[dict[str, tuple[str, ...]]] = {}
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
-    def _require(self, outputs: dict, name: str) -> None:
-        for key in _REQUIRED[name]:
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
+        super().__init__()
+        unknown = sorted(set(weights or {}) - set(self.DEFAULTS))
+        if unknown:
+            raise KeyError(f"unknown loss weight(s) {unknown}; valid: {sorted(self.DEFAULTS)}")
+        self.weights = {**self.DEFAULTS, **(weights or {})}
+
+    def require(self, outputs: dict, name: str) -> None:
+        """Raise :class:`MissingOutputError` when ``outputs`` lack a key loss ``name`` needs."""
+        for key in self.REQUIRED[name]:
             if key not in outputs:
                 raise MissingOutputError(
                     f"loss '{name}' has weight {self.weights[name]} but outputs lack '{key}' "
                     f"(have {sorted(outputs)}); set its weight to 0 or return '{key}'"
                 )
-        if name in ("objectness", "rpn_box_reg") and f"loss_{name}" not in outputs["rpn_losses"]:
-            raise MissingOutputError(
-                f"loss '{name}' has weight {self.weights[name]} but outputs['rpn_losses'] lacks "
-                f"'loss_{name}' (have {sorted(outputs['rpn_losses'])})"
-            )
 
     def compute(self, name: str, outputs: dict) -> Tensor:
-        """The unweighted loss ``name`` (a short weight name) from ``outputs``."""
-        self._require(outputs, name)
-        o = outputs
-        if name == "vild_text":
-            return vild_text_loss(o["region_embeddings"], o["labels"], o["text_embeddings"],
-                                  o["background_embedding"], o.get("temperature", 0.01),
-                                  o.get("scoring", "softmax"))
-        if name == "box_reg":
-            return box_regression_loss(o["box_regression"], o["regression_targets"], o["labels"])
-        if name == "vild_image":
-            return vild_image_loss(o["distill_embeddings"], o["distill_targets"])
-        if name == "mask":
-            return mask_loss(o["mask_logits"], o["mask_targets"])
-        if name == "bag":
-            return bag_loss(o["bag_embeddings"], o["bag_targets"], o["bag_groups"],
-                            o["bag_image_ids"], self.student_bags.contents(),
-                            self.teacher_bags.contents(), self.bag_temperature)
-        if name == "pixel_distill":
-            return pixel_distill_loss(o["pixel_embeddings"], o["dense_targets"],
-                                      self.pixel_distill_mode, o.get("dense_valid"),
-                                      self.pixel_distill_reduction)
-        if name == "pseudo_label":
-            valid = o.get("dense_valid")
-            label_size = None
-            if self.pseudo_label_upsample == "bilinear":
-                if "seg_labels" not in o:
-                    raise MissingOutputError("pseudo_label_upsample 'bilinear' needs "
-                                             "'seg_labels' (the label resolution)")
-                label_size = tuple(o["seg_labels"].shape[-2:])
-            if self.pseudo_label_scope == "all":
-                return pseudo_label_loss(o["pixel_logits"], o["teacher_pixel_logits"],
-                                         self.pseudo_label_threshold, unlabeled=valid,
-                                         label_size=label_size)
-            if "seg_labels" not in o or not len(o.get("novel_ids", ())):
-                raise MissingOutputError("pseudo_label_scope 'unlabeled' needs outputs "
-                                         "'seg_labels' and a non-empty 'novel_ids'")
-            labels, novel = o["seg_labels"], o["novel_ids"]
-            unlabeled = (labels == 255) | torch.isin(
-                labels, torch.as_tensor(novel, dtype=labels.dtype, device=labels.device))
-            if valid is not None:
-                unlabeled = unlabeled & valid.to(device=labels.device, dtype=torch.bool)
-            return pseudo_label_loss(o["pixel_logits"], o["teacher_pixel_logits"],
-                                     self.pseudo_label_threshold, classes=novel,
-                                     unlabeled=unlabeled, label_size=label_size)
-        if name == "supervised_seg":
-            return supervised_seg_loss(o["pixel_logits"], o["seg_labels"], o.get("novel_ids", ()))
-        return o["rpn_losses"][f"loss_{name}"]
+        """The unweighted loss ``name`` from ``outputs`` (model outputs and targets)."""
+        raise NotImplementedError
+
+    def active(self, outputs: dict) -> list[str]:
+        """The losses to compute: nonzero weight, and the optional heads' only when present."""
+        return [n for n, w in self.weights.items()
+                if w != 0 and not (n in self.OPTIONAL and self.REQUIRED[n][0] not in outputs)]
 
     def forward(self, outputs: dict, targets: dict | None = None) -> dict[str, Tensor]:
         both = sorted(set(outputs) & set(targets or {}))
         if both:
             raise ValueError(f"{both} given both as model outputs and as targets")
         outputs = {**outputs, **(targets or {})}
-        active = [n for n, w in self.weights.items()
-                  if w != 0 and not (n in _OPTIONAL and _REQUIRED[n][0] not in outputs)]
+        active = self.active(outputs)
         for name in active:  # fail before computing anything
-            self._require(outputs, name)
-        losses = {f"loss_{n}": self.weights[n] * self.compute(n, outputs) for n in active}
-        if "bag" in active and self.training:
-            ids = outputs["bag_image_ids"].to(outputs["bag_targets"].dtype)[:, None]
-            self.student_bags.enqueue(torch.cat([outputs["bag_embeddings"].detach(), ids], 1))
-            self.teacher_bags.enqueue(torch.cat([outputs["bag_targets"], ids], 1))
-        return losses
-
-
-# --------------------------------------------------------------------------- config
-
-
-def build_criterion(
-    bags: dict | Any = None, pixel_distill_mode: str = "l1",
-    pseudo_label_threshold: float | None = None, words: nn.Module | None = None,
-    **weights: float,
-) -> Criterion:
-    """``build_criterion(**dataclasses.asdict(cfg.loss), words=...)``: the weights, and the
-    bag queue and temperature of ``bags`` (``loss.bags``); ``words``: the student's
-    pseudo-word module when ``bag`` is on (:func:`detectors.recipe.build_bag_words`)."""
-    if dataclasses.is_dataclass(bags):  # a BagConfig, as ``vars(cfg.loss)`` gives it
-        bags = dataclasses.asdict(bags)
-    bags = bags or {}
-    return Criterion(weights, bag_queue=bags.get("queue", 1024),
-                     bag_temperature=bags.get("temperature", 1 / 30), words=words,
-                     pixel_distill_mode=pixel_distill_mode,
-                     pseudo_label_threshold=pseudo_label_threshold)
+            self.require(outputs, name)
+        return {f"loss_{n}": self.weights[n] * self.compute(n, outputs) for n in active}

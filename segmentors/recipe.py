@@ -45,10 +45,10 @@ from distill.engine import (
 )
 from distill.engine import train as train_loop
 from distill.evaluation.sem_seg import SemSegEvaluator, overlay
-from distill.losses import DEFAULT_WEIGHTS, Criterion
 from distill.teacher import Teacher
 from distill.teacher.dense import refine_logits
 from segmentors import PixelEmbeddingSegmenter, build_segmenter
+from segmentors.criterion import SegmentationCriterion
 from segmentors.few_names import few_names
 from segmentors.inference import random_resize_crop, same_size_batches, segment_logits
 
@@ -142,21 +142,6 @@ def training_targets(batch: dict, teacher: Teacher | None, text: torch.Tensor, s
     return targets
 
 
-def build_criterion(seg) -> Criterion:
-    """The segmenter's criterion from the ``seg`` section: its three loss weights (every
-    detection loss off) and their settings."""
-    weights = {**{k: 0.0 for k in DEFAULT_WEIGHTS}, "supervised_seg": seg.supervised,
-               "pixel_distill": seg.pixel_distill, "pseudo_label": seg.pseudo_label}
-    try:
-        return Criterion(weights, pixel_distill_mode=seg.pixel_distill_mode,
-                         pseudo_label_threshold=seg.pseudo_label_threshold,
-                         pseudo_label_scope=seg.pseudo_label_scope,
-                         pseudo_label_upsample=seg.pseudo_label_upsample,
-                         pixel_distill_reduction=seg.pixel_distill_reduction)
-    except ValueError as e:
-        raise ConfigError(f"seg.{e}") from None
-
-
 def training_step(criterion, teacher: Teacher | None, text: torch.Tensor, seg, novel_ids=()):
     """``loss_fn(model, batch)`` for the engine: the student on the batch's images, against
     :func:`training_targets`."""
@@ -238,7 +223,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, eval_only: bool = False,
         text = teacher.text(train_set.classes)
         model.set_training_vocabulary(text)
         s = cfg.seg
-        criterion = build_criterion(s)
+        criterion = SegmentationCriterion.from_config(s)
         if s.dense_source not in ("online", "cache"):
             raise ConfigError(f"seg.dense_source must be online or cache, got {s.dense_source!r}")
         needs_teacher = s.pixel_distill > 0 or s.pseudo_label > 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from detectors.criterion import DetectionCriterion
 from distill.baron import (
     GRID,
     PseudoWords,
@@ -21,7 +22,7 @@ from distill.baron import (
     sine_positions,
 )
 from distill.config import ConfigError, load_config
-from distill.losses import Criterion, bag_loss
+from distill.losses import bag_loss
 from distill.teacher import Teacher
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_bag_loss_by_hand_with_queues_skipping_the_same_image():
 
 
 def test_criterion_queues_each_steps_bags_with_their_image():
-    crit = Criterion({"vild_text": 0.0, "box_reg": 0.0, "vild_image": 0.0, "objectness": 0.0,
+    crit = DetectionCriterion({"vild_text": 0.0, "box_reg": 0.0, "vild_image": 0.0, "objectness": 0.0,
                       "rpn_box_reg": 0.0, "bag": 2.0}, bag_queue=3, bag_temperature=0.5)
     s = t(*S, grad=True)
     step = {"bag_embeddings": s, "bag_targets": t(*T), "bag_groups": torch.tensor([0, 1]),

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torchvision.ops import roi_align
 
 from detectors import build_detector
+from detectors.criterion import DetectionCriterion
 from detectors.recipe import DistillationSet
 from distill import engine
 from distill.config import TrainConfig, load_config
@@ -27,7 +28,6 @@ from distill.data.coco import CocoDetection, collate, dataset_paths
 from distill.data.semantic import collate_semantic, synthetic_semantic
 from distill.data.synthetic import generate_world
 from distill.engine import train
-from distill.losses import Criterion
 from distill.teacher import Teacher
 from segmentors import build_segmenter
 from segmentors.recipe import TrainView, training_targets
@@ -115,7 +115,7 @@ def test_engine_moves_detection_batches_and_the_student_runs_on_the_device(cfg, 
     samples = DistillationSet(data, FakeCache(16))
     student = build_detector(**dataclasses.asdict(cfg.model), embed_dim=16)
     student.set_vocabulary(torch.nn.functional.normalize(torch.randn(12, 16), dim=-1))
-    criterion = Criterion({"vild_text": 0.0, "box_reg": 0.0, "vild_image": 0.05,
+    criterion = DetectionCriterion({"vild_text": 0.0, "box_reg": 0.0, "vild_image": 0.05,
                            "objectness": 0.0, "rpn_box_reg": 0.0})
 
     def loss_fn(model, batch):
@@ -146,7 +146,7 @@ def test_engine_moves_detection_batches_and_the_student_runs_on_the_device(cfg, 
 def test_engine_moves_and_checkpoints_the_criterion(cfg, tmp_path):
     from distill.baron import PseudoWords
 
-    criterion = Criterion({"bag": 1.0}, bag_queue=4, words=PseudoWords(8, 6))
+    criterion = DetectionCriterion({"bag": 1.0}, bag_queue=4, words=PseudoWords(8, 6))
     model = torch.nn.Linear(3, 1)
 
     def loss_fn(model, batch):

@@ -155,7 +155,7 @@ def test_augmentation_is_per_sample_seeded_so_workers_and_resume_change_nothing(
 def test_the_criterions_state_is_checkpointed_and_resumed(tmp_path):
     """A criterion with state (BARON/MoCo's queue of past targets) resumes where it was: the
     killed-and-resumed run's queue is the uninterrupted one's, bit for bit."""
-    from distill.losses import EmbeddingQueue
+    from distill.baron import EmbeddingQueue
 
     def run(out, queue, crash_at=None, resume=False):
         calls = {"n": 0}

@@ -1,20 +1,17 @@
 """distill/losses.py against hand computations on tiny tensors (D = 2, C = 2)."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
+from detectors.criterion import DetectionCriterion
 from detectors.vild import ensemble_scores
+from distill.baron import EmbeddingQueue
 from distill.config import LossConfig
 from distill.losses import (
-    DEFAULT_WEIGHTS,
-    Criterion,
-    EmbeddingQueue,
     MissingOutputError,
     box_regression_loss,
-    build_criterion,
     vild_image_loss,
     vild_text_loss,
 )
@@ -90,9 +87,9 @@ def test_pairwise_vild_text_loss_by_hand():
     outputs = {"region_embeddings": t(*REGIONS), "labels": torch.tensor(LABELS),
                "text_embeddings": t(*TEXT), "background_embedding": t(*BG),
                "temperature": 0.5, "scoring": "pairwise"}
-    assert Criterion().compute("vild_text", outputs).item() == pytest.approx(want, rel=1e-6)
+    assert DetectionCriterion().compute("vild_text", outputs).item() == pytest.approx(want, rel=1e-6)
     outputs["scoring"] = "softmax"
-    assert Criterion().compute("vild_text", outputs).item() == pytest.approx(TEXT_LOSS_T05,
+    assert DetectionCriterion().compute("vild_text", outputs).item() == pytest.approx(TEXT_LOSS_T05,
                                                                              rel=1e-6)
 
 
@@ -192,7 +189,7 @@ def test_queue_fifo_order_and_detach():
 
 
 def test_criterion_defaults():
-    crit = Criterion()
+    crit = DetectionCriterion()
     assert crit.weights == {"vild_text": 1.0, "box_reg": 1.0, "vild_image": 0.5,
                             "bag": 0.0, "objectness": 1.0, "rpn_box_reg": 1.0,
                             "mask": 1.0}
@@ -205,7 +202,7 @@ def test_criterion_defaults():
 
 
 def test_criterion_applies_weights():
-    crit = Criterion({"vild_text": 2.0, "box_reg": 0.5, "vild_image": 0.25,
+    crit = DetectionCriterion({"vild_text": 2.0, "box_reg": 0.5, "vild_image": 0.25,
                       "objectness": 3.0, "rpn_box_reg": 0.0})
     o = outputs()
     losses = crit(o)
@@ -223,7 +220,7 @@ def test_criterion_applies_weights():
 def test_criterion_takes_the_teachers_targets_apart_from_the_model_outputs():
     """criterion(outputs, targets), as DETR's: the cached teacher embeddings come as targets
     and give the losses the merged dict gives; a key on both sides is refused."""
-    crit = Criterion({"vild_image": 0.25})
+    crit = DetectionCriterion({"vild_image": 0.25})
     o = outputs()
     targets = {"distill_targets": o.pop("distill_targets")}
     split = crit(o, targets)
@@ -236,7 +233,7 @@ def test_criterion_takes_the_teachers_targets_apart_from_the_model_outputs():
 
 
 def test_criterion_empty_batch_and_unannotated_images():
-    crit = Criterion()
+    crit = DetectionCriterion()
     empty = outputs(region_embeddings=torch.zeros(0, 2, requires_grad=True),
                     labels=torch.zeros(0, dtype=torch.long),
                     box_regression=torch.zeros(0, 4, requires_grad=True),
@@ -265,33 +262,33 @@ def test_criterion_missing_outputs_and_bad_weights():
     o = outputs()
     del o["distill_embeddings"]
     with pytest.raises(MissingOutputError, match="distill_embeddings") as err:
-        Criterion()(o)
+        DetectionCriterion()(o)
     assert isinstance(err.value, KeyError) and "vild_image" in str(err.value)
-    assert set(Criterion({"vild_image": 0.0})(o)) == {
+    assert set(DetectionCriterion({"vild_image": 0.0})(o)) == {
         "loss_vild_text", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     o = outputs()
     del o["rpn_losses"]
     with pytest.raises(KeyError, match="rpn_losses"):
-        Criterion()(o)
+        DetectionCriterion()(o)
     o = outputs(rpn_losses={"loss_objectness": torch.tensor(1.0)})
     with pytest.raises(KeyError, match="loss_rpn_box_reg"):
-        Criterion()(o)
+        DetectionCriterion()(o)
     with pytest.raises(KeyError, match="vild_txt"):
-        Criterion({"vild_txt": 1.0})
+        DetectionCriterion({"vild_txt": 1.0})
 
 
 def test_variants_from_config():
-    vild_image = build_criterion(**dataclasses.asdict(LossConfig(vild_text=0.0)))
+    vild_image = DetectionCriterion.from_config(LossConfig(vild_text=0.0))
     o = outputs()
     del o["background_embedding"]  # not needed without the text loss
     assert set(vild_image(o)) == {"loss_box_reg", "loss_vild_image", "loss_objectness",
                                   "loss_rpn_box_reg"}
-    vild_text = build_criterion(**dataclasses.asdict(LossConfig(vild_image=0.0)))
+    vild_text = DetectionCriterion.from_config(LossConfig(vild_image=0.0))
     assert "loss_vild_image" not in vild_text(outputs()) and "loss_vild_text" in vild_text(outputs())
     cfg = LossConfig()
-    assert {k: getattr(cfg, k) for k in DEFAULT_WEIGHTS} == DEFAULT_WEIGHTS
-    assert build_criterion(**dataclasses.asdict(cfg)).student_bags.size == 1024  # BARON's
-    assert build_criterion(**dataclasses.asdict(cfg)).bag_temperature == pytest.approx(1 / 30, rel=1e-3)
+    assert {k: getattr(cfg, k) for k in DetectionCriterion.DEFAULTS} == DetectionCriterion.DEFAULTS
+    assert DetectionCriterion.from_config(cfg).student_bags.size == 1024  # BARON's
+    assert DetectionCriterion.from_config(cfg).bag_temperature == pytest.approx(1 / 30, rel=1e-3)
 
 
 # --------------------------------------------------------------------------- ensemble

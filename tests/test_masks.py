@@ -16,12 +16,13 @@ from torchvision.models.detection.transform import resize_boxes
 
 from detectors import build_detector, load_student
 from detectors.augment import hflip_target
+from detectors.criterion import DetectionCriterion
 from detectors.inference import evaluate_detector
 from detectors.predictor import DetectorStudent
 from distill.config import DetectorConfig, LossConfig
 from distill.data.coco import CocoDetection
 from distill.export import Vocabulary, write_student
-from distill.losses import Criterion, MissingOutputError, build_criterion, mask_loss
+from distill.losses import MissingOutputError, mask_loss
 from ovdistill import report
 from tests.parity import assert_same_detections
 from tools import demo
@@ -150,7 +151,7 @@ def test_mask_targets_are_the_matched_masks_and_the_loss_is_torchvisions(world):
             assert t[1:-1, 1:13].min() > 0.99 and t[:, 15:].max() < 0.01
         else:  # top half
             assert t[1:13, 1:-1].min() > 0.99 and t[15:].max() < 0.01
-    ours = Criterion({"vild_image": 0.0, "objectness": 0.0, "rpn_box_reg": 0.0})(out)["loss_mask"]
+    ours = DetectionCriterion({"vild_image": 0.0, "objectness": 0.0, "rpn_box_reg": 0.0})(out)["loss_mask"]
     channel0 = torch.zeros(2, dtype=torch.long)  # torchvision's labels: one class, index 0
     theirs = maskrcnn_loss(out["mask_logits"], [boxes[gt]], [masks], [channel0], [gt])
     torch.testing.assert_close(ours, theirs)
@@ -179,15 +180,15 @@ def test_mask_loss_by_hand_and_in_the_criterion():
                            "loss_rpn_box_reg": torch.tensor(0.25)}}
     only_rpn = {"vild_text": 0.0, "box_reg": 0.0, "vild_image": 0.0}
     # weight 2 but no mask head outputs: no mask loss, no error
-    assert set(Criterion({**only_rpn, "mask": 2.0})(base)) == {"loss_objectness",
+    assert set(DetectionCriterion({**only_rpn, "mask": 2.0})(base)) == {"loss_objectness",
                                                                 "loss_rpn_box_reg"}
     with_masks = {**base, "mask_logits": logits, "mask_targets": targets}
-    losses = Criterion({**only_rpn, "mask": 2.0})(with_masks)
+    losses = DetectionCriterion({**only_rpn, "mask": 2.0})(with_masks)
     assert losses["loss_mask"].item() == pytest.approx(2 * by_hand, rel=1e-6)
-    assert "loss_mask" not in Criterion({**only_rpn, "mask": 0.0})(with_masks)
+    assert "loss_mask" not in DetectionCriterion({**only_rpn, "mask": 0.0})(with_masks)
     with pytest.raises(MissingOutputError, match="mask_targets"):
-        Criterion(only_rpn)({**base, "mask_logits": logits})
-    assert build_criterion(**{**vars(LossConfig()), "mask": 0.5}).weights["mask"] == 0.5
+        DetectionCriterion(only_rpn)({**base, "mask_logits": logits})
+    assert DetectionCriterion.from_config(LossConfig(mask=0.5)).weights["mask"] == 0.5
 
 
 def test_hflip_target_mirrors_boxes_and_masks(world):
@@ -233,7 +234,7 @@ def test_a_tiny_model_learns_the_mask_of_one_object(world):
     box_mask[y0:y1, x0:x1] = True
     box_fill = _iou(gt, box_mask)  # a mask that fills the box: about 0.5
     before = _iou(_predict_mask(m, s["image"], s["boxes"]), gt)
-    criterion = Criterion({"vild_image": 0.0})
+    criterion = DetectionCriterion({"vild_image": 0.0})
     optimizer = torch.optim.Adam(m.parameters(), lr=1e-3)
     for _ in range(30):
         losses = criterion(m([s["image"]], [_target(s)]))

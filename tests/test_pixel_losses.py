@@ -1,4 +1,4 @@
-"""Segmenter losses of distill/losses.py (pixel distillation, MaskCLIP+ pseudo-labels,
+"""Segmenter losses of distill/losses.py and segmentors/criterion.py (pixel distillation, MaskCLIP+ pseudo-labels,
 base-class supervision) against hand computations on 2x2 / 4x4 maps (D = 2, C = 2 or 3)."""
 
 import math
@@ -6,15 +6,14 @@ import math
 import pytest
 import torch
 
+from distill.config import ConfigError, SegmenterConfig
 from distill.losses import (
-    SEG_WEIGHTS,
-    Criterion,
     MissingOutputError,
-    build_criterion,
     pixel_distill_loss,
     pseudo_label_loss,
     supervised_seg_loss,
 )
+from segmentors.criterion import SegmentationCriterion
 
 R = math.sqrt(0.5)
 
@@ -215,9 +214,6 @@ def test_supervised_seg_all_ignored_is_exact_zero():
 
 # --------------------------------------------------------------------------- criterion
 
-DETECTION_OFF = {"vild_text": 0.0, "box_reg": 0.0, "vild_image": 0.0, "objectness": 0.0,
-                 "rpn_box_reg": 0.0}
-
 
 def seg_outputs() -> dict:
     return {
@@ -233,8 +229,7 @@ def seg_outputs() -> dict:
 
 
 def test_criterion_dispatches_segmenter_losses():
-    assert SEG_WEIGHTS == {"pixel_distill": 0.0, "pseudo_label": 0.0, "supervised_seg": 0.0}
-    crit = Criterion({**DETECTION_OFF, "pixel_distill": 1.0, "pseudo_label": 2.0,
+    crit = SegmentationCriterion({"pixel_distill": 1.0, "pseudo_label": 2.0,
                       "supervised_seg": 0.5}, pseudo_label_threshold=0.5)
     o = seg_outputs()
     losses = crit(o)
@@ -247,7 +242,8 @@ def test_criterion_dispatches_segmenter_losses():
     assert losses["loss_supervised_seg"].item() == pytest.approx(0.5 * sup, rel=1e-6)
     sum(losses.values()).backward()
     assert o["pixel_embeddings"].grad.abs().sum() > 0
-    cosine = build_criterion(**DETECTION_OFF, pixel_distill=1.0, pixel_distill_mode="cosine")
+    cosine = SegmentationCriterion.from_config(SegmenterConfig(
+        supervised=0.0, pixel_distill=1.0, pixel_distill_mode="cosine"))
     assert cosine(seg_outputs())["loss_pixel_distill"].item() == pytest.approx(0.35, rel=1e-6)
     o = seg_outputs()
     o["dense_valid"] = torch.zeros(1, 2, 2, dtype=torch.bool)
@@ -257,7 +253,7 @@ def test_criterion_dispatches_segmenter_losses():
 def test_criterion_pseudo_labels_only_unlabeled_pixels_over_novel_classes():
     # seg_labels [[0, 1], [2, 255]], novel (2,): pixels (1, 0) (novel) and (1, 1) (255) get
     # the teacher's best novel class (2, the only one); the others keep their labels
-    crit = Criterion({**DETECTION_OFF, "pseudo_label": 1.0}, pseudo_label_scope="unlabeled")
+    crit = SegmentationCriterion({"pseudo_label": 1.0}, pseudo_label_scope="unlabeled")
     loss = crit(seg_outputs())["loss_pseudo_label"]
     assert loss.item() == pytest.approx((lse(0, 1, 0) + lse(5, 0, 0)) / 2, rel=1e-6)
     o = seg_outputs()
@@ -265,20 +261,28 @@ def test_criterion_pseudo_labels_only_unlabeled_pixels_over_novel_classes():
     with pytest.raises(MissingOutputError, match="non-empty 'novel_ids'"):
         crit(o)
     with pytest.raises(ValueError, match="pseudo_label_scope must be 'all' or 'unlabeled'"):
-        Criterion(pseudo_label_scope="novel")
+        SegmentationCriterion(pseudo_label_scope="novel")
 
 
-def test_criterion_segmenter_losses_off_by_default_and_required_keys():
-    assert not set(SEG_WEIGHTS) & set(Criterion().weights)  # detection defaults unchanged
-    assert Criterion({"pseudo_label": 1.0}).weights["pseudo_label"] == 1.0
+def test_criterion_is_base_only_by_default_as_the_seg_section_and_checks_keys():
+    assert SegmentationCriterion().weights == {"supervised_seg": 1.0, "pixel_distill": 0.0,
+                                               "pseudo_label": 0.0}
+    assert SegmentationCriterion.from_config(SegmenterConfig()).weights == \
+        SegmentationCriterion().weights
+    assert SegmentationCriterion({"pseudo_label": 1.0}).weights["pseudo_label"] == 1.0
     o = seg_outputs()
     del o["seg_labels"]
     with pytest.raises(MissingOutputError, match="seg_labels"):
-        Criterion({**DETECTION_OFF, "supervised_seg": 1.0})(o)
+        SegmentationCriterion({"supervised_seg": 1.0})(o)
     with pytest.raises(KeyError, match="pixel_distil'"):
-        Criterion({"pixel_distil": 1.0})
+        SegmentationCriterion({"pixel_distil": 1.0})
     with pytest.raises(ValueError, match="pixel_distill_mode"):
-        Criterion(pixel_distill_mode="l2")
+        SegmentationCriterion(pixel_distill_mode="l2")
+    with pytest.raises(ConfigError, match=r"^seg\.pixel_distill_reduction must be 'sum' or "
+                                          r"'mean', got 'max'$"):
+        SegmentationCriterion.from_config(SegmenterConfig(pixel_distill_reduction="max"))
+    with pytest.raises(KeyError, match="vild_text"):  # no detection loss in a segmenter's
+        SegmentationCriterion({"vild_text": 1.0})
 
 
 def test_bilinear_pseudo_labels_at_label_resolution_by_hand():
@@ -295,12 +299,12 @@ def test_bilinear_pseudo_labels_at_label_resolution_by_hand():
     assert got.item() == pytest.approx(want, rel=1e-6)
     nearest = pseudo_label_loss(student, teacher)  # today's: the argmax [0, 1] at 1 x 2
     assert nearest.item() == pytest.approx(((-1 + lse(1, 0)) + lse(0, 0)) / 2, rel=1e-6)
-    crit = Criterion({**DETECTION_OFF, "pseudo_label": 1.0}, pseudo_label_upsample="bilinear")
+    crit = SegmentationCriterion({"pseudo_label": 1.0}, pseudo_label_upsample="bilinear")
     out = crit({"pixel_logits": student, "teacher_pixel_logits": teacher,
                 "seg_labels": torch.full((1, 1, 4), 255)})
     assert out["loss_pseudo_label"].item() == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="pseudo_label_upsample must be 'nearest' or"):
-        Criterion(pseudo_label_upsample="bicubic")
+        SegmentationCriterion(pseudo_label_upsample="bicubic")
 
 
 def test_the_l1_mean_over_dimensions_is_the_sum_over_d():
@@ -341,7 +345,7 @@ def test_padding_is_ignored_in_every_loss(upsample):
         padded[k] = big
     padded["dense_valid"] = valid[None]
     for mode in ("all", "unlabeled"):
-        crit = Criterion({**DETECTION_OFF, "pixel_distill": 1.0, "pseudo_label": 1.0,
+        crit = SegmentationCriterion({"pixel_distill": 1.0, "pseudo_label": 1.0,
                           "supervised_seg": 1.0}, pseudo_label_scope=mode,
                          pseudo_label_upsample=upsample)
         small = crit({**maps, "novel_ids": (2,)})
