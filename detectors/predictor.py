@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from detectors import build_detector
+from detectors.builders import build_detector
 from detectors.vild import ViLD, binary_masks
 from distill.export import Vocabulary, as_image_tensor, load_model, vocabulary_for
 

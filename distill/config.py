@@ -480,6 +480,27 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def non_defaults(node: Any, recorded: dict | None = None) -> dict:
+    """The fields of the config dataclass ``node`` whose value differs from its default, as
+    a nested dict (nested sections only when something in them differs). The default of a
+    field is its value in ``recorded`` (a nested dict, e.g. an earlier ``to_dict`` of the
+    defaults) when it holds the field, else the schema's own default."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    defaults = type(node)()
+    changed: dict = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            inner = non_defaults(value, recorded.get(f.name))
+            if inner:
+                changed[f.name] = inner
+            continue
+        default = recorded[f.name] if f.name in recorded else getattr(defaults, f.name)
+        if value != default:
+            changed[f.name] = value
+    return changed
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
     path = Path(path)

@@ -24,9 +24,10 @@ each cached on disk and reused by the next run:
 9. the export of ViLD (``output_dir/export``; ONNX with ``pipeline.onnx``), val pictures
    drawn with it, and ``report.md`` (ovdistill/report.py) with the tables and PNGs.
 
-Student stages live in ``output_dir/<stage>-<hash>`` over their resolved config, the teacher
-file and the annotation files, so changing a setting or a file retrains that stage and
-what follows, and nothing else (ovdistill/stages.py).
+Student stages live in ``output_dir/<stage>-<fingerprint>`` over what they read: their task's
+config sections less the fields left at their defaults, the teacher file and the annotation
+files, so changing a setting or a file retrains that stage and what follows, and nothing
+else (ovdistill/stages.py).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from distill.data.coco import (
 from distill.teacher import Teacher
 from ovdistill import report
 from ovdistill.export import export_run
-from ovdistill.stages import run_world, seg_stage, seg_table, table
+from ovdistill.report import seg_table, table
+from ovdistill.stages import run_world, seg_stage
 
 if TYPE_CHECKING:  # the synthetic world's module (cv2 and all) loads only when used
     from distill.data.synthetic import World

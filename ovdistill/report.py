@@ -3,6 +3,7 @@
     draw(image, found)                      # a PIL image with boxes, names and scores
     draw_val_pictures(export, val, out, 8)  # val images through an exported student
     write_report(out, summary)              # out/report.md + out/report/*.png
+    table(rows), seg_table(rows)            # box AP / mIoU per method, as markdown
 
 Novel names are drawn in magenta, training (base) names in cyan; the plots use
 :mod:`distill.evaluation.plots`' colours (novel hatched). Every file is written atomically.
@@ -26,6 +27,14 @@ NOVEL, BASE = (255, 0, 255), (0, 220, 255)
 MASK_ALPHA = 0.45  # opacity of a mask's fill
 CELL = 320  # side of a picture in the predictions grid, pixels
 MAX_BARS = 40  # classes per panel of the per-class plot (the first, in val order)
+LABELS = {"vild_text": "ViLD-text", "vild_image": "ViLD-image", "vild": "ViLD",
+          "vild_ensemble": "ViLD-ensemble", "vild_text_tower": "ViLD-text on the tower",
+          "vild_tower": "ViLD on the tower", "vild_ensemble_tower": "ViLD-ensemble on the tower",
+          "baron_tower": "ViLD + BARON on the tower", "fvlm": "F-VLM (frozen tower, fused)",
+          "teacher": "teacher on proposals"}  # detection stages and methods
+SEG_LABELS = {"seg_supervised": "base-only student", "seg_distill": "pixel-distilled student",
+              "seg_distill_pseudo": "pixel-distilled + pseudo-labels",
+              "seg_teacher": "teacher (MaskCLIP, zero-shot)"}  # segmentation stages
 
 
 def draw(image: Image.Image, found: dict) -> Image.Image:
@@ -165,11 +174,46 @@ def per_class_bars(per_class: dict[str, dict[str, float]], novel: set[str]) -> b
     return figure_png(fig)
 
 
+def pct(value: float) -> str:
+    """A metric in percent, one decimal; "-" for -1 (no ground truth to score)."""
+    return "-" if value < 0 else f"{100 * value:.1f}"
+
+
+def table(rows: dict[str, dict]) -> str:
+    """Box AP per method: novel / base / all AP50 and AP (COCO-style metrics), or LVIS's
+    APr / APc / APf and AP where the rows have no AP50 by group."""
+    keys = ("AP50_novel", "AP50_base", "AP50_all", "AP")
+    if not all("AP50_novel" in m for m in rows.values()):
+        keys = ("APr", "APc", "APf", "AP")
+    heads = [k.replace("AP50_", "") + " AP50" if k.startswith("AP50_") else k for k in keys]
+    lines = [f"| method | {' | '.join(heads)} | images/s |", "|---|" + "---:|" * 5]
+    for name, m in rows.items():
+        lines.append(f"| {LABELS.get(name, name)} | {' | '.join(pct(m[k]) for k in keys)} | "
+                     f"{m['images_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def seg_table(rows: dict[str, dict]) -> str:
+    """mIoU per method; for students, the 3-name figures (segmentors/few_names.py) with every
+    pixel named and with the "none of these" cut chosen on val."""
+    lines = ["| method | base mIoU | novel mIoU | harmonic | all mIoU | images/s | 3-name mIoU, "
+             "no cut / cut | unnamed pixels painted, no cut / cut | cut |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in rows.items():
+        few = "| - | - | - |"
+        if "mIoU_3names" in m:
+            few = (f"| {100 * m['mIoU_3names_no_cut']:.1f} / {100 * m['mIoU_3names']:.1f} | "
+                   f"{100 * m['unnamed_painted_no_cut']:.0f} % / "
+                   f"{100 * m['unnamed_painted_3names']:.0f} % | {m['pixel_threshold']:.1f} |")
+        lines.append(f"| {SEG_LABELS[name]} | {100 * m['mIoU_base']:.1f} | "
+                     f"{100 * m['mIoU_novel']:.1f} | {100 * m['hIoU']:.1f} | "
+                     f"{100 * m['mIoU']:.1f} | {m['images_per_s']:.1f} {few}")
+    return "\n".join(lines)
+
+
 def write_report(out: Path, summary: dict) -> Path:
     """``out/report.md`` from the main job's ``summary`` (ovdistill/pipeline.py), with its
     PNGs in ``out/report/``: per-class AP50, training curves, val predictions."""
-    from ovdistill.stages import LABELS, pct
-
     figures = out / "report"
     data, students = summary["data"], summary["students"]
     novel = set(data["novel"])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from distill.export import Vocabulary, as_image_tensor, load_model, vocabulary_for
-from segmentors import build_segmenter
+from segmentors.builders import build_segmenter
 from segmentors.model import UNLABELLED, PixelEmbeddingSegmenter
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ovdistill import stages as orchestration
+from ovdistill import ablations
 from tools import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def test_ablation_runs_every_method_per_seed_and_writes_the_table(tmp_path, caps
         assert f"| {label} |" in out
     saved = json.loads((tmp_path / "out/ablation.json").read_text())
     assert set(saved["seeds"]) == {"0", "1"}
-    assert set(saved["seeds"]["1"]) == set(orchestration.METHODS)
-    for m in orchestration.METHODS:  # the mean row is the mean of the seeds
+    assert set(saved["seeds"]["1"]) == set(ablations.METHODS)
+    for m in ablations.METHODS:  # the mean row is the mean of the seeds
         want = (saved["seeds"]["0"][m]["AP50_novel"] + saved["seeds"]["1"][m]["AP50_novel"]) / 2
         assert abs(saved["mean"][m]["AP50_novel"] - want) < 1e-12
     text = results.read_text()
@@ -106,22 +106,22 @@ def test_ablation_floors_hand_computed():
     seeds = {0: {"vild_text_tower": row(0.20), "vild_tower": row(0.30)},
              1: {"vild_text_tower": row(0.24), "vild_tower": row(0.26)}}
     got = [(what, round(v, 4), ok)
-           for what, v, _, ok in orchestration.ablation_floors(mean, 50 * 60, seeds)]
+           for what, v, _, ok in ablations.ablation_floors(mean, 50 * 60, seeds)]
     # the best student is F-VLM (0.29 / 0.30), the better second score on the tower too
     assert [g[1:] for g in got] == [(0.9667, True), (6.0, True), (2.0, True), (-1.0, False),
                                     (1.0, True), (25.0, True), (50.0, False)]
     assert "F-VLM" in got[0][0] and "F-VLM" in got[4][0] and "ResNet-10" in got[3][0]
     mean["fvlm"] = row(0.1)  # now the ensemble on the tower is the better, 1 point short
-    got = orchestration.ablation_floors(mean, 50 * 60, seeds)
+    got = ablations.ablation_floors(mean, 50 * 60, seeds)
     assert "ViLD on the tower" in got[0][0] and "ViLD-ensemble on the tower" in got[4][0]
     assert got[4][1:] == pytest.approx((-1.0, ">= 0", False))
     seeds[1]["vild_tower"] = row(0.23)  # one seed where distillation loses
-    assert orchestration.ablation_floors(mean, 50 * 60, seeds)[2][1:] == pytest.approx(
+    assert ablations.ablation_floors(mean, 50 * 60, seeds)[2][1:] == pytest.approx(
         (-1.0, "> 0", False))
 
 
 def test_few_names_floors_hand_computed(monkeypatch):
-    monkeypatch.setattr("ovdistill.stages.SCORE_THRESHOLD", 0.5)  # the exports' default cut
+    monkeypatch.setattr("ovdistill.ablations.SCORE_THRESHOLD", 0.5)  # the exports' default cut
 
     def row(novel, base, ratio, unnamed):
         return {"AP50_novel": novel, "AP50_base": base, "few_over_all": ratio,
@@ -129,11 +129,11 @@ def test_few_names_floors_hand_computed(monkeypatch):
 
     few = {0: {"reference": row(0.30, 0.40, 1.0, 0.1), "softmax": row(0.34, 0.38, 0.9, 2.0)},
            1: {"reference": row(0.25, 0.41, 0.9, 0.2), "softmax": row(0.26, 0.41, 0.8, 1.0)}}
-    got = [(round(v, 4), target, ok) for _, v, target, ok in orchestration.few_names_floors(few)]
+    got = [(round(v, 4), target, ok) for _, v, target, ok in ablations.few_names_floors(few)]
     assert got == [(0.95, ">= 0.9", True), (0.15, "<= 0.2", True),
                    (-2.5, ">= -8.0 (seed spread)", True), (1.0, ">= -3.0 (seed spread)", True)]
     few[1]["reference"]["AP50_base"] = 0.30  # base: -4.5 points, spread 3
-    assert orchestration.few_names_floors(few)[3][3] is False
+    assert ablations.few_names_floors(few)[3][3] is False
 
 
 def test_seed_workers_end_when_the_ablation_is_killed(tmp_path):
@@ -152,7 +152,7 @@ def test_seed_workers_end_when_the_ablation_is_killed(tmp_path):
         "    time.sleep(120)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     code = ("import sys; from pathlib import Path; import sleeper; "
-            "from ovdistill.stages import run_seeds; "
+            "from ovdistill.ablations import run_seeds; "
             "run_seeds(sleeper.fn, [['a'], ['b']], Path(sys.argv[1]), False, jobs=2)")
     out = tmp_path / "out"
     out.mkdir()

@@ -12,7 +12,8 @@ from PIL import Image
 
 from distill.config import load_config
 from distill.data.semantic import ADE20K_CLASSES, DatasetError, ade20k
-from ovdistill import stages as orchestration
+from ovdistill import ablations
+from ovdistill.report import SEG_LABELS
 from segmentors import build_segmenter
 from segmentors import recipe as segmentation
 from tests.parity import assert_same_label_maps, without_open_clip
@@ -193,13 +194,13 @@ def test_seg_ablation_floors_hand_computed():
     mean = {"seg_supervised": {"mIoU_novel": 0.01}, "seg_teacher": {"mIoU_novel": 0.04},
             "seg_distill": {"mIoU_novel": 0.03}, "seg_distill_pseudo": {"mIoU_novel": 0.05}}
     got = [(what.split(":")[0], round(v, 4), ok)
-           for what, v, _, ok in orchestration.seg_floors(mean, 21 * 60)]
+           for what, v, _, ok in ablations.seg_floors(mean, 21 * 60)]
     assert got == [("pixel-distilled student", 3.0, True), ("pixel-distilled student", -1.0, False),
                    ("pixel-distilled + pseudo-labels", 5.0, True),
                    ("pixel-distilled + pseudo-labels", 1.0, True),
                    ("segmentation ablation wall time (minutes)", 21.0, False)]
     mean["seg_supervised"]["mIoU_novel"] = 0.0  # 0 for base-only: any positive is infinitely more
-    assert orchestration.seg_floors(mean, 60)[0][1:] == (math.inf, ">= 2", True)
+    assert ablations.seg_floors(mean, 60)[0][1:] == (math.inf, ">= 2", True)
 
 
 def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
@@ -210,12 +211,12 @@ def test_teacher_baseline_and_the_ablation_table(tiny_world, tmp_path):
     assert seg_ablation.main(args) == 0
     text = results.read_text()
     assert "old" not in text and text.endswith("<!-- /seg-ablation -->\nkept\n")
-    for label in orchestration.SEG_STAGES.values():
+    for label in SEG_LABELS.values():
         assert f"| {label} |" in text
     assert "| pixel-distilled student: novel mIoU / base-only novel mIoU |" in text
     assert "| pixel-distilled + pseudo-labels: novel mIoU - teacher novel mIoU (points) |" in text
     stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir() if p.is_dir())
-    assert stages == sorted(orchestration.SEG_STAGES)
+    assert stages == sorted(ablations.SEG_STAGES)
     teacher = json.loads(next((tmp_path / "out").glob("seg_teacher-*/eval/summary.json"))
                          .read_text())
     assert 0 <= teacher["mIoU_novel"] <= 1

@@ -7,7 +7,7 @@ For each world seed (``world.seed``): ViLD-text on a scratch ResNet-10 (whose RP
 proposes for the rest), proposals, the teacher's region cache, ViLD-image, ViLD,
 ViLD-ensemble, ViLD-text and ViLD on the teacher's tower, F-VLM, and the teacher
 classifying the RPN's proposals (ViLD's "CLIP on cropped regions"). The stages are
-the main job's kind (``ovdistill/stages.py``); a rerun reuses everything.
+the main job's kind (``ovdistill/stages.py``; the ablation: ``ovdistill/ablations.py``); a rerun reuses everything.
 
 Seeds run side by side, ``--jobs`` at a time (default: one per 1 CPU core, at most
 one per seed), each process with cores / jobs threads: these small students are
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-from ovdistill.stages import ablation
+from ovdistill.ablations import ablation
 
 from . import cli
 

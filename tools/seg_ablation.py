@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ovdistill.stages import seg_ablation
+from ovdistill.ablations import seg_ablation
 
 from . import cli
 

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from distill.config import ConfigError, ExperimentConfig
 from distill.data.packed import PackedList
+from distill.data.vocab import name_key
 
 
 class DatasetError(ValueError):
@@ -176,11 +177,6 @@ def is_novel(category: dict, novel: Collection[str] | None = None) -> bool:
         return name_key(category["name"]) in {name_key(n) for n in novel}
     return category.get("split") == "novel" or (
         "split" not in category and category.get("frequency") == "r")
-
-
-def name_key(name: str) -> str:
-    """How two class names are compared: case, ``_`` / space and outer spaces ignored."""
-    return " ".join(str(name).replace("_", " ").split()).lower()
 
 
 class CocoDetection(Dataset):

@@ -40,7 +40,6 @@ import os
 from pathlib import Path
 
 from distill.config import ConfigError
-from distill.data.semantic import ADE20K_SPLITS, PASCAL_CONTEXT_SPLITS
 
 ENV_VARS = ("OVD_DATASETS", "DETECTRON2_DATASETS")  # first one set wins
 DEFAULT_ROOT = "datasets"
@@ -61,7 +60,9 @@ LVIS_SPLITS: dict[str, tuple[str, str]] = {
 LVIS_IMAGE_FOLDERS: dict[str, tuple[str, ...]] = {
     "train": ("train2017",), "val": ("train2017", "val2017"), "train_ov": ("train2017",)}
 ADE20K_DIR = "ADEChallengeData2016"
+ADE20K_SPLITS = ("training", "validation")  # its images/ and annotations/ folders
 PASCAL_CONTEXT_DIR = "VOCdevkit/VOC2010"
+PASCAL_CONTEXT_SPLITS = ("train", "val")  # ImageSets/SegmentationContext/<split>.txt
 
 COCO_LAYOUT = "$OVD_DATASETS/coco/{train2017,val2017,annotations/instances_{train,val}2017.json}"
 LVIS_LAYOUT = ("$OVD_DATASETS/lvis/lvis_v1_{train,val}.json with the COCO 2017 images in "

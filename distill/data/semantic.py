@@ -32,6 +32,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from distill.config import ConfigError
+from distill.data.roots import ADE20K_SPLITS, PASCAL_CONTEXT_SPLITS
+from distill.data.vocab import name_key
 
 IGNORE = 255
 
@@ -56,7 +58,6 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate",
     "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
-ADE20K_SPLITS = ("training", "validation")
 
 # PASCAL Context-59 class names, in label order 1..59 (mmsegmentation's list, with
 # "pottedplant" and "tvmonitor" written as words for the text encoder).
@@ -69,7 +70,6 @@ PASCAL_CONTEXT_59_CLASSES: tuple[str, ...] = (
     "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck",
     "tv monitor", "wall", "water", "window", "wood",
 )
-PASCAL_CONTEXT_SPLITS = ("train", "val")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -208,8 +208,6 @@ class InstanceSemantic(torch.utils.data.Dataset):
     a smaller one on top keeps its pixels."""
 
     def __init__(self, detection, classes: Sequence[str], novel: Sequence[bool]):
-        from distill.data.coco import name_key
-
         self.detection = detection
         self.detection.with_masks = True
         self.classes, self.novel = list(classes), list(novel)

@@ -1,4 +1,4 @@
-"""Class-name lists and base/novel splits.
+"""Class-name lists, how two names are compared (:func:`name_key`), base/novel splits.
 
 The synthetic world's vocabulary (shapes, colours, stuff) and the COCO-OV split
 of Bansal et al. / OVR-CNN (48 base, 17 novel classes).
@@ -51,6 +51,11 @@ COCO_OV_BASE_IDS: tuple[int, ...] = (
     1, 2, 3, 4, 7, 8, 9, 15, 16, 19, 20, 23, 24, 25, 27, 31, 33, 34, 35, 38, 42, 44, 48, 50,
     51, 52, 53, 54, 55, 56, 57, 59, 60, 62, 65, 70, 72, 73, 74, 75, 78, 79, 80, 82, 84, 85, 86, 90,
 )
+
+
+def name_key(name: str) -> str:
+    """How two class names are compared: case, ``_`` / space and outer spaces ignored."""
+    return " ".join(str(name).replace("_", " ").split()).lower()
 
 
 def split_base_novel(
