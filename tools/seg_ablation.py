@@ -6,8 +6,8 @@
 For each world seed (``world.seed``): the base-only student (``seg_supervised``),
 the pixel-distilled one (``seg_distill``), pixel distillation + MaskCLIP+ pseudo-labels
 (``seg_distill_pseudo``) and the teacher's own zero-shot segmentation
-(``seg_teacher``). Each stage lives in ``output_dir/<name>-<hash of its config>``
-and is reused by a rerun. Seeds run side by side as in ``tools/ablation.py``.
+(``seg_teacher``). Each stage lives in ``output_dir/<name>-<fingerprint>``
+(ovdistill/stages.py) and is reused by a rerun. Seeds run side by side as in ``tools/ablation.py``.
 
 Prints and (``--results``) writes the table (mIoU on base / novel classes, their
 harmonic mean, all-class mIoU, images/s on the val split, every class named)
