@@ -38,9 +38,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from detectors.predictor import DetectorStudent, load_student
 from detectors.vild import ViLD, below, binary_masks
-from distill.export import Vocabulary, as_image_tensor, onnx_session
-
-OPSET = 17
+from distill.export import ONNX_OPSET, TypedNames, Vocabulary, as_image_tensor, onnx_session
 
 
 class _Graph(nn.Module):
@@ -97,7 +95,7 @@ def export_onnx(student: DetectorStudent, path: str | os.PathLike) -> Path:
             warnings.simplefilter("ignore")
             torch.onnx.export(_Graph(model, size).eval(),
                               (example, text, torch.tensor(model.roi_heads.score_thresh)),
-                              str(tmp), dynamo=False, opset_version=OPSET,
+                              str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["image", "text_embeddings", "score_threshold"],
                               output_names=outputs,
                               dynamic_axes={"text_embeddings": {0: "classes"},
@@ -117,11 +115,15 @@ class OnnxDetector:
         self.student = load_student(student_dir)  # preprocessing, vocabulary, thresholds
         self.session = onnx_session(onnx_path or Path(student_dir) / "model.onnx", threads)
         self.inputs = {i.name for i in self.session.get_inputs()}
+        # typed names: the export's text tower run by ONNX Runtime (text_encoder/text.onnx)
+        self.typed = TypedNames(student_dir, self.student.config, self.student.vocabulary,
+                                onnx=True)
 
     def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
-                score_threshold: float | None = None, bgr: bool = False) -> dict:
-        vocab = self.student.vocabulary if vocabulary is None else (
-            vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary))
+                score_threshold: float | None = None, bgr: bool = False, names=None) -> dict:
+        vocab = self.typed.for_call(vocabulary, names)
+        vocab = self.student.vocabulary if vocab is None else (
+            vocab if isinstance(vocab, Vocabulary) else Vocabulary.load(vocab))
         x, resized, original = preprocess(self.student.model, as_image_tensor(image, bgr))
         thresh = self.student.score_threshold if score_threshold is None else score_threshold
         inputs = {"image": x.numpy(), "text_embeddings": vocab.embeddings.float().numpy()}

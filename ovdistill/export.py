@@ -1,8 +1,10 @@
 """Exporting a trained run (detector or segmenter) as a standalone student directory.
 
 ``model.safetensors``, ``config.json``, ``vocabulary.json`` and
-``text_embeddings.safetensors`` (distill/export.py), and ``model.onnx`` when asked; loading
-the export needs torch and torchvision only. ``tools/export.py`` is the command line.
+``text_embeddings.safetensors`` (distill/export.py), ``model.onnx`` when asked, and the
+teacher's text tower when asked (``text_encoder/``, distill/teacher/text_encoder.py: names
+typed at run time); loading the export needs torch and torchvision only, embedding typed
+names open_clip too. ``tools/export.py`` is the command line.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ def is_segmenter_run(run: Path) -> bool:
 
 
 def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] | None = None,
-               vocabulary_only: bool = False, onnx: bool = False) -> Path:
+               vocabulary_only: bool = False, onnx: bool = False, text_encoder: bool = False
+               ) -> Path:
     """Export the training run ``run`` (detector or segmenter) into the directory ``output``:
     weights, config, vocabulary (``vocabulary``: a names file or comma-separated names, default
-    the val classes) and, with ``onnx``, ``model.onnx``; ``vocabulary_only`` writes just the
-    vocabulary files. Returns ``output``."""
+    the val classes), with ``onnx`` ``model.onnx``, with ``text_encoder`` the teacher's text
+    tower (``text_encoder/``, and its ``text.onnx`` with ``onnx``); ``vocabulary_only`` writes
+    just the vocabulary files. Returns ``output``."""
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run / 'config.yaml'}: missing (--run takes a training "
@@ -63,7 +67,8 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
     common = {"embed_dim": teacher.embed_dim,
               "teacher": {"model": cfg.teacher.model, "fingerprint": teacher.fingerprint,
                           "config": dataclasses.asdict(cfg.teacher)},  # demo --show-teacher
-              "source": {"run": str(run), "config": to_yaml(cfg)}}
+              "source": {"run": str(run), "config": to_yaml(cfg)},
+              "training_names": sorted(train_names)}  # typed names are novel unless here
     if segmenter:
         model = segmentation.build_student(cfg, teacher)
         config = {"task": "segmentation", "model": segmentation.student_kwargs(cfg, teacher),
@@ -92,6 +97,10 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
             from detectors import load_student
             from detectors.onnx import export_onnx
         export_onnx(load_student(out), out / "model.onnx")
+    if text_encoder:
+        from distill.teacher.text_encoder import write_text_encoder
+
+        write_text_encoder(teacher, out / "text_encoder", onnx=onnx)
     print(f"{config['task']} student {config['model']['name']} with {len(vocab)} classes "
           f"({sum(vocab.novel)} novel) written to {out}")
     return out

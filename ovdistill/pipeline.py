@@ -201,7 +201,8 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
     elif cfg.pipeline.segmenter:
         print("segmenter: skipped (no instance masks in the training annotations)")
 
-    export = export_run(students["vild"]["run"], out / "export", onnx=cfg.pipeline.onnx)
+    export = export_run(students["vild"]["run"], out / "export", onnx=cfg.pipeline.onnx,
+                        text_encoder=True)  # names typed at run time: tools/serve.py
     summary["export"] = str(export)
     summary["pictures"] = [str(p) for p in report.draw_val_pictures(
         export, val, out / "pictures", cfg.pipeline.pictures)]

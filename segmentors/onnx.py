@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.export import Vocabulary, as_image_tensor, onnx_session
+from distill.export import ONNX_OPSET, TypedNames, Vocabulary, as_image_tensor, onnx_session
 from segmentors.model import labels_at
 from segmentors.predictor import SegmenterStudent, found_names, load_student
-
-OPSET = 17
 
 
 class _Graph(nn.Module):
@@ -51,7 +49,7 @@ def export_onnx(student: SegmenterStudent, path: str | os.PathLike) -> Path:
             torch.onnx.export(_Graph(model).eval(),
                               (torch.zeros(1, 3, 96, 96), student.vocabulary.embeddings.float(),
                                torch.tensor(0.5)),
-                              str(tmp), dynamo=False, opset_version=OPSET,
+                              str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["image", "text_embeddings", "threshold"],
                               output_names=["labels"],
                               dynamic_axes={"image": {2: "height", 3: "width"},
@@ -70,11 +68,15 @@ class OnnxSegmenter:
     def __init__(self, student_dir: str | os.PathLike, threads: int | None = None):
         self.student = load_student(student_dir)
         self.session = onnx_session(Path(student_dir) / "model.onnx", threads)
+        # typed names: the export's text tower run by ONNX Runtime (text_encoder/text.onnx)
+        self.typed = TypedNames(student_dir, self.student.config, self.student.vocabulary,
+                                onnx=True)
 
     def predict(self, image, vocabulary: Vocabulary | str | os.PathLike | None = None,
-                threshold: float | None = None, bgr: bool = False) -> dict:
-        vocab = self.student.vocabulary if vocabulary is None else (
-            vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary))
+                threshold: float | None = None, bgr: bool = False, names=None) -> dict:
+        vocab = self.typed.for_call(vocabulary, names)
+        vocab = self.student.vocabulary if vocab is None else (
+            vocab if isinstance(vocab, Vocabulary) else Vocabulary.load(vocab))
         cut = self.student.threshold if threshold is None else threshold
         x = as_image_tensor(image, bgr)[None].float().numpy() / 255
         (labels,) = self.session.run(None, {"image": x.astype(np.float32),

@@ -201,6 +201,18 @@ def _tokenizer(model_name: str, model_cfg_json: str):
     return open_clip.get_tokenizer(model_name)
 
 
+def prompt_ensemble(model: nn.Module, tokenizer, names: Sequence[str], templates: Sequence[str],
+                    batch_size: int = 256, device: str | torch.device = "cpu") -> Tensor:
+    """(C, D) float32: per name, every template filled in and embedded by ``model``'s text
+    tower, normalised, averaged, normalised again (open_clip's zero-shot classifier)."""
+    with torch.inference_mode():
+        fns = [functools.partial(prompts.fill, t) for t in templates]
+        out = open_clip.build_zero_shot_classifier(
+            model, tokenizer, list(names), fns,
+            num_classes_per_batch=max(1, batch_size // len(templates)), device=device).T.float()
+    return out.clone()  # an ordinary tensor, not an inference tensor
+
+
 # --------------------------------------------------------------------------- boxes
 
 
@@ -355,13 +367,8 @@ class Teacher(nn.Module):
             if not names:
                 out = torch.zeros(0, self.embed_dim, device=self.device)
             else:
-                with torch.inference_mode():
-                    fns = [functools.partial(prompts.fill, t) for t in tpl]
-                    out = open_clip.build_zero_shot_classifier(
-                        self.model, self.tokenizer, list(names), fns,
-                        num_classes_per_batch=max(1, self.batch_size // len(tpl)),
-                        device=self.device).T.float()
-                out = out.clone()  # an ordinary tensor, not an inference tensor
+                out = prompt_ensemble(self.model, self.tokenizer, names, tpl, self.batch_size,
+                                      self.device)
             _TEXT_CACHE[key] = out
             while len(_TEXT_CACHE) > _TEXT_CACHE_SIZE:
                 _TEXT_CACHE.popitem(last=False)
