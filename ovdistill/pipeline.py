@@ -218,4 +218,5 @@ def main_job(config: str | Path, overrides: list[str], progress: bool = True) ->
     summary["report"] = str(report.write_report(out, summary))
     print(f"results: {out / 'pipeline.json'}; report: {summary['report']}; "
           f"exported student: {export}")
+    print(f"try it with names of your own, in the browser: python -m tools.serve {export}")
     return summary
