@@ -21,11 +21,12 @@ averaged, then normalised again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,15 +215,25 @@ def write_student(directory: str | os.PathLike, state_dict: Mapping[str, Tensor]
     the new one is complete (built beside it, then swapped in by renames)."""
     from safetensors.torch import save_file
 
+    with built_beside(directory) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        _write_json(tmp / "config.json", {"format": FORMAT, "version": VERSION, **config})
+        vocabulary.save(tmp)
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def built_beside(directory: str | os.PathLike) -> Iterator[Path]:
+    """A fresh folder beside ``directory`` to write into; renamed to ``directory`` when the
+    block ends (an earlier ``directory`` stays whole until then, and is removed after),
+    removed instead when the block raises."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        _write_json(tmp / "config.json", {"format": FORMAT, "version": VERSION, **config})
-        vocabulary.save(tmp)
+        yield tmp
         old = None
         if directory.exists():
             old = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.old"
@@ -233,7 +244,6 @@ def write_student(directory: str | os.PathLike, state_dict: Mapping[str, Tensor]
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return directory
 
 
 def read_student(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor], Vocabulary]:

@@ -211,7 +211,7 @@ def build_app(served: list[Served], examples: list[Path] = ()):
                 names = gr.Textbox(value=", ".join(first.names), label=f"names (comma-separated,"
                                    f" synonyms joined by |; at most {MAX_NAMES})",
                                    elem_id="names", lines=2)
-                threshold = gr.Slider(0.0, 1.0, value=first.threshold, step=0.01,
+                threshold = gr.Slider(0.0, 1.0, value=first.threshold, step=0.001,
                                       label="score threshold (detectors) / none-of-these cut "
                                             "(segmenters)", elem_id="threshold")
                 button = gr.Button("find", elem_id="find", variant="primary")

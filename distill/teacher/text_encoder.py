@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from torch import Tensor, nn
 
 FORMAT = "ovdistill-text-encoder"
 VERSION = 1
-DIRECTORY = "text_encoder"  # inside an export
 BPE = "bpe_simple_vocab_16e6.txt.gz"
 # the image tower the text tower is built beside (open_clip builds both): as small as it goes
 STUB_VISION = {"image_size": 16, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16}
@@ -45,17 +43,13 @@ def write_text_encoder(teacher, directory: str | os.PathLike, onnx: bool = False
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
     from safetensors.torch import save_file
 
-    from distill.export import ExportError
+    from distill.export import ExportError, built_beside
 
     if not isinstance(teacher.tokenizer, SimpleTokenizer) or teacher.model_cfg is None:
         raise ExportError(f"--text-encoder: teacher {teacher.model_name} has no open_clip BPE "
                           f"tokenizer and model config to carry (Hugging Face text towers are "
                           f"not supported)")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
+    with built_beside(directory) as tmp:
         name = f"ovdistill_text_{teacher.fingerprint}"  # never a name open_clip has built in
         text_cfg = teacher.model_cfg["text_cfg"]
         (tmp / f"{name}.json").write_text(json.dumps(
@@ -73,17 +67,7 @@ def write_text_encoder(teacher, directory: str | os.PathLike, onnx: bool = False
                           **text_cfg.get("tokenizer_kwargs", {})}}, indent=2) + "\n")
         if onnx:
             export_onnx(TextEncoder.load(tmp), tmp / "text.onnx")
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.old"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return directory
+    return Path(directory)
 
 
 class TextEncoder:
