@@ -38,7 +38,8 @@ from torchvision.models.detection.transform import resize_boxes
 
 from detectors.predictor import DetectorStudent, load_student
 from detectors.vild import ViLD, below, binary_masks
-from distill.export import ONNX_OPSET, TypedNames, Vocabulary, as_image_tensor, onnx_session
+from distill.export import ONNX_OPSET, Vocabulary, as_image_tensor, onnx_session
+from distill.text_encoder import TypedNames
 
 
 class _Graph(nn.Module):

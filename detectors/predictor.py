@@ -23,7 +23,8 @@ import torch
 
 from detectors.builders import build_detector
 from detectors.vild import ViLD, binary_masks
-from distill.export import TypedNames, Vocabulary, as_image_tensor, load_model, vocabulary_for
+from distill.export import Vocabulary, as_image_tensor, load_model, vocabulary_for
+from distill.text_encoder import TypedNames
 
 
 class DetectorStudent:

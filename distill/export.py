@@ -39,7 +39,6 @@ FORMAT = "ovdistill-student"
 VOCAB_FORMAT = "ovdistill-vocabulary"
 VERSION = 1
 ONNX_OPSET = 17  # every ONNX graph of an export
-MAX_NAMES = 64  # names typed at run time, per request (distill.export.TypedNames)
 
 
 class ExportError(ValueError):
@@ -149,64 +148,6 @@ def embed_vocabulary(teacher, classes: Sequence[Sequence[str]],
     return Vocabulary([list(c) for c in classes], torch.stack(rows),
                       list(novel) if novel is not None else [False] * len(classes),
                       teacher.fingerprint)
-
-
-class TypedNames:
-    """Names typed at run time -> a :class:`Vocabulary`, embedded by the export's own text
-    tower (``<export>/text_encoder``, written by ``tools/export.py --text-encoder``; ONNX
-    Runtime runs it with ``onnx``). A class is novel unless one of its names is a training
-    class (``config.json``'s ``training_names``; for older exports, the names of the export
-    vocabulary's base classes). The last 32 vocabularies are kept; safe across threads."""
-
-    CACHED = 32
-
-    def __init__(self, directory: str | os.PathLike, config: dict, vocabulary: Vocabulary,
-                 onnx: bool = False) -> None:
-        import threading
-
-        self.directory, self.onnx = Path(directory) / "text_encoder", onnx
-        trained = config.get("training_names")
-        if trained is None:
-            trained = [n for c, novel in zip(vocabulary.classes, vocabulary.novel, strict=True)
-                       if not novel for n in c]
-        self.training = {n.lower() for n in trained}
-        self.encoder = None
-        self.cache: dict[tuple, Vocabulary] = {}
-        self.lock = threading.Lock()
-
-    def __call__(self, names: str | Sequence[str]) -> Vocabulary:
-        classes = parse_vocabulary(names)
-        if len(classes) > MAX_NAMES:
-            raise ExportError(f"{len(classes)} names: at most {MAX_NAMES} at once")
-        key = tuple(tuple(c) for c in classes)
-        with self.lock:
-            if key not in self.cache:
-                novel = [not any(n.lower() in self.training for n in c) for c in classes]
-                self.cache[key] = embed_vocabulary(self.load(), classes, novel)
-                while len(self.cache) > self.CACHED:
-                    self.cache.pop(next(iter(self.cache)))
-            return self.cache[key]
-
-    def for_call(self, vocabulary=None, names: str | Sequence[str] | None = None
-                 ) -> Vocabulary | None:
-        """The vocabulary of one ``predict`` call: ``names`` embedded, ``vocabulary``, or
-        None (the student's own)."""
-        if names is not None and vocabulary is not None:
-            raise ValueError("give a vocabulary or names, not both")
-        return self(names) if names is not None else vocabulary
-
-    def load(self):
-        """The export's text encoder (loaded once)."""
-        if self.encoder is None:
-            if not (self.directory / "config.json").is_file():
-                raise ExportError(f"{self.directory.parent}: this export carries no text "
-                                  f"encoder to embed typed names; write it with "
-                                  f"tools/export.py --text-encoder")
-            from distill.teacher.text_encoder import OnnxTextEncoder, TextEncoder
-
-            self.encoder = OnnxTextEncoder(self.directory) if self.onnx else \
-                TextEncoder.load(self.directory)
-        return self.encoder
 
 
 def write_student(directory: str | os.PathLike, state_dict: Mapping[str, Tensor],

@@ -2,7 +2,7 @@
 
 ``model.safetensors``, ``config.json``, ``vocabulary.json`` and
 ``text_embeddings.safetensors`` (distill/export.py), ``model.onnx`` when asked, and the
-teacher's text tower when asked (``text_encoder/``, distill/teacher/text_encoder.py: names
+teacher's text tower when asked (``text_encoder/``, distill/text_encoder.py: names
 typed at run time); loading the export needs torch and torchvision only, embedding typed
 names open_clip too. ``tools/export.py`` is the command line.
 """
@@ -98,7 +98,7 @@ def export_run(run: str | Path, output: str | Path, vocabulary: str | list[str] 
             from detectors.onnx import export_onnx
         export_onnx(load_student(out), out / "model.onnx")
     if text_encoder:
-        from distill.teacher.text_encoder import write_text_encoder
+        from distill.text_encoder import write_text_encoder
 
         write_text_encoder(teacher, out / "text_encoder", onnx=onnx)
     print(f"{config['task']} student {config['model']['name']} with {len(vocab)} classes "

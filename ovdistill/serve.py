@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from distill.export import MAX_NAMES, ExportError, parse_vocabulary
+from distill.export import ExportError, parse_vocabulary
+from distill.text_encoder import MAX_NAMES
 
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused
 

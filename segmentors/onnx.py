@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.export import ONNX_OPSET, TypedNames, Vocabulary, as_image_tensor, onnx_session
+from distill.export import ONNX_OPSET, Vocabulary, as_image_tensor, onnx_session
+from distill.text_encoder import TypedNames
 from segmentors.model import labels_at
 from segmentors.predictor import SegmenterStudent, found_names, load_student
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.export import TypedNames, Vocabulary, as_image_tensor, load_model, vocabulary_for
+from distill.export import Vocabulary, as_image_tensor, load_model, vocabulary_for
+from distill.text_encoder import TypedNames
 from segmentors.builders import build_segmenter
 from segmentors.model import UNLABELLED, PixelEmbeddingSegmenter
 

@@ -134,7 +134,7 @@ def test_the_wheel_installs_the_tools_under_ovdistill(tmp_path):
     assert not any(n.startswith("tools/") for n in names)
     assert "ovdistill/tools/train.py" in names and "ovdistill/stages.py" in names
     targets = [line.split(" = ")[1] for line in scripts.splitlines() if " = " in line]
-    assert len(targets) == 15 and all(t.startswith("ovdistill.tools.") for t in targets)
+    assert len(targets) == 16 and all(t.startswith("ovdistill.tools.") for t in targets)
     for target in targets:  # each names a tool with a main()
         module = target.split(":")[0].removeprefix("ovdistill.")
         assert "def main(" in (REPO / (module.replace(".", "/") + ".py")).read_text()

@@ -25,7 +25,7 @@ pytest.importorskip("gradio", reason="the demo extra (pip install '.[demo]') is 
 from detectors import load_student  # noqa: E402
 from detectors import recipe as detection  # noqa: E402
 from distill.config import load_config  # noqa: E402
-from distill.export import MAX_NAMES  # noqa: E402
+from distill.text_encoder import MAX_NAMES  # noqa: E402
 from segmentors import load_student as load_segmenter  # noqa: E402
 from segmentors import recipe as segmentation  # noqa: E402
 from tests.test_text_encoder import TINY  # noqa: E402

@@ -1,5 +1,5 @@
 """Names typed at run time: an export that carries the teacher's text tower alone
-(``tools/export.py --text-encoder``, distill/teacher/text_encoder.py) embeds them as the
+(``tools/export.py --text-encoder``, distill/text_encoder.py) embeds them as the
 teacher does, in PyTorch and in ONNX Runtime, for detectors and segmenters."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from safetensors import safe_open
 from detectors import load_student
 from detectors import recipe as detection
 from distill.config import load_config
-from distill.export import MAX_NAMES, ExportError, embed_vocabulary, parse_vocabulary
+from distill.export import ExportError, embed_vocabulary, parse_vocabulary
 from distill.teacher import Teacher
-from distill.teacher.text_encoder import OnnxTextEncoder, TextEncoder
+from distill.text_encoder import MAX_NAMES, OnnxTextEncoder, TextEncoder
 from tests.parity import assert_same_detections
 from tools import export
 

@@ -13,7 +13,8 @@ teacher checkpoint, the same prompt ensemble as :meth:`distill.teacher.Teacher.t
     vocab = embed_vocabulary(encoder, parse_vocabulary("bolt,star"))   # as with the teacher
 
 Loading needs open_clip (its tokenizer and text transformer), which the image path of an
-export does not.
+export does not: this module imports it only when a text encoder is loaded or written.
+:class:`TypedNames` is what a student's ``predict(image, names=...)`` calls.
 """
 
 from __future__ import annotations
@@ -28,9 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.export import (
+    ExportError,
+    Vocabulary,
+    _read_json,
+    built_beside,
+    embed_vocabulary,
+    onnx_session,
+    parse_vocabulary,
+)
+
 FORMAT = "ovdistill-text-encoder"
 VERSION = 1
 BPE = "bpe_simple_vocab_16e6.txt.gz"
+MAX_NAMES = 64  # names typed at run time, per call (TypedNames)
 # the image tower the text tower is built beside (open_clip builds both): as small as it goes
 STUB_VISION = {"image_size": 16, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16}
 
@@ -42,8 +54,6 @@ def write_text_encoder(teacher, directory: str | os.PathLike, onnx: bool = False
     (e.g. a Hugging Face text tower) is refused."""
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
     from safetensors.torch import save_file
-
-    from distill.export import ExportError, built_beside
 
     if not isinstance(teacher.tokenizer, SimpleTokenizer) or teacher.model_cfg is None:
         raise ExportError(f"--text-encoder: teacher {teacher.model_name} has no open_clip BPE "
@@ -91,7 +101,6 @@ class TextEncoder:
         from open_clip.tokenizer import SimpleTokenizer
         from safetensors.torch import load_file
 
-        from distill.export import ExportError, _read_json
         from distill.teacher.clip import load_clip
 
         directory = Path(directory)
@@ -158,8 +167,6 @@ class OnnxTextEncoder(TextEncoder):
     def __init__(self, directory: str | os.PathLike) -> None:
         from open_clip.tokenizer import SimpleTokenizer
 
-        from distill.export import _read_json, onnx_session
-
         directory = Path(directory)
         config = _read_json(directory / "config.json", FORMAT)
         tok = dict(config["tokenizer"])
@@ -178,3 +185,59 @@ class OnnxTextEncoder(TextEncoder):
             emb = torch.from_numpy(self.session.run(None, {"tokens": tokens})[0])
             rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=0))
         return torch.stack(rows) if rows else torch.zeros(0, self.embed_dim)
+
+
+class TypedNames:
+    """Names typed at run time -> a :class:`Vocabulary`, embedded by the export's own text
+    tower (``<export>/text_encoder``, written by ``tools/export.py --text-encoder``; ONNX
+    Runtime runs it with ``onnx``). A class is novel unless one of its names is a training
+    class (``config.json``'s ``training_names``; for older exports, the names of the export
+    vocabulary's base classes). The last 32 vocabularies are kept; safe across threads."""
+
+    CACHED = 32
+
+    def __init__(self, directory: str | os.PathLike, config: dict, vocabulary: Vocabulary,
+                 onnx: bool = False) -> None:
+        import threading
+
+        self.directory, self.onnx = Path(directory) / "text_encoder", onnx
+        trained = config.get("training_names")
+        if trained is None:
+            trained = [n for c, novel in zip(vocabulary.classes, vocabulary.novel, strict=True)
+                       if not novel for n in c]
+        self.training = {n.lower() for n in trained}
+        self.encoder = None
+        self.cache: dict[tuple, Vocabulary] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, names: str | Sequence[str]) -> Vocabulary:
+        classes = parse_vocabulary(names)
+        if len(classes) > MAX_NAMES:
+            raise ExportError(f"{len(classes)} names: at most {MAX_NAMES} at once")
+        key = tuple(tuple(c) for c in classes)
+        with self.lock:
+            if key not in self.cache:
+                novel = [not any(n.lower() in self.training for n in c) for c in classes]
+                self.cache[key] = embed_vocabulary(self.load(), classes, novel)
+                while len(self.cache) > self.CACHED:
+                    self.cache.pop(next(iter(self.cache)))
+            return self.cache[key]
+
+    def for_call(self, vocabulary=None, names: str | Sequence[str] | None = None
+                 ) -> Vocabulary | None:
+        """The vocabulary of one ``predict`` call: ``names`` embedded, ``vocabulary``, or
+        None (the student's own)."""
+        if names is not None and vocabulary is not None:
+            raise ValueError("give a vocabulary or names, not both")
+        return self(names) if names is not None else vocabulary
+
+    def load(self):
+        """The export's text encoder (loaded once)."""
+        if self.encoder is None:
+            if not (self.directory / "config.json").is_file():
+                raise ExportError(f"{self.directory.parent}: this export carries no text "
+                                  f"encoder to embed typed names; write it with "
+                                  f"tools/export.py --text-encoder")
+            self.encoder = OnnxTextEncoder(self.directory) if self.onnx else \
+                TextEncoder.load(self.directory)
+        return self.encoder
