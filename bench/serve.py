@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--export", default="outputs/shapes/export")
     p.add_argument("--requests", type=int, default=100)
     args = p.parse_args()
-    export = Path(args.export)
+    export = Path(args.export).resolve()
     image = val_examples([Served.load(export)], 1)
     if not image:
         raise SystemExit(f"{export}: no val image of its embedded world on disk")

@@ -20,6 +20,7 @@ export does not: this module imports it only when a text encoder is loaded or wr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -106,7 +107,11 @@ class TextEncoder:
         directory = Path(directory)
         config = _read_json(directory / "config.json", FORMAT)
         name = config["model"]
-        model, _ = load_clip(name, None, str(directory / f"{name}.json"))
+        logging.disable(logging.WARNING)  # open_clip warns of random weights: loaded below
+        try:
+            model, _ = load_clip(name, None, str(directory / f"{name}.json"))
+        finally:
+            logging.disable(logging.NOTSET)
         weights = directory / "model.safetensors"
         try:
             state = load_file(str(weights))
