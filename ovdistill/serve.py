@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from distill.export import ExportError, parse_vocabulary
+from distill.export import ExportError
 from distill.text_encoder import MAX_NAMES
 
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused
@@ -90,11 +90,8 @@ class Served:
 
     def predict(self, image: Image.Image, names: str | list[str] | None,
                 threshold: float | None) -> dict:
-        """The student's result on ``image`` for ``names`` (None: its own vocabulary)."""
-        if names is not None:
-            classes = parse_vocabulary(names)  # an empty vocabulary: ExportError, one line
-            if len(classes) > MAX_NAMES:
-                raise BadRequest(f"{len(classes)} names: at most {MAX_NAMES} at once")
+        """The student's result on ``image`` for ``names`` (None: its own vocabulary; an
+        empty list or more than MAX_NAMES: ExportError, one line)."""
         pixels = np.asarray(image.convert("RGB"))
         if self.task == "detection":
             return self.student.predict(pixels, score_threshold=threshold, names=names)
