@@ -91,7 +91,7 @@ def test_coco_ov_configs_one_iteration_each(datasets, tmp_path, capsys):
     run = load_config(tmp_path / "outputs/coco_ov/vild/config.yaml")  # what trained
     assert run.data.scale_jitter == [0.1, 2.0]  # ViLD's recipe parts were active
     assert (run.model.norm, run.model.fpn_norm, run.model.head_convs, run.model.head_norm,
-            run.model.head_fcs, run.model.backbone_weights) == ("bn", "bn", 4, "bn", 1, None)
+            run.model.head_fcs, run.model.backbone_weights) == ("bn", "bn", 4, "bn", 2, None)
     for m in metrics.values():
         assert {"AP50_novel", "AP50_base", "AP50_all"} <= set(m)
         assert all(0.0 <= m[k] <= 1.0 or m[k] == -1.0 for k in ("AP50_novel", "AP50_base"))
@@ -153,7 +153,10 @@ def test_segmentation_configs_one_iteration_each(datasets, tmp_path, resnet101, 
     cfg = _cfg(f"configs/{config}.yaml", tmp_path, f"output_dir={tmp_path / name}",
                f"seg.backbone_weights={resnet101}", "seg.fpn_channels=32", "seg.short_side=64",
                "seg.crop_size=72", "seg.window=64", "seg.stride=48")
-    assert (cfg.seg.key_smoothing, cfg.seg.prompt_denoising) == (1.0, 0.5)
+    # the teacher's figures are MaskCLIP's with key smoothing and prompt denoising; MaskCLIP+'s
+    # annotation-free configs set neither for the pseudo-labels (docs/reproduce.md section 8)
+    assert (cfg.seg.key_smoothing, cfg.seg.prompt_denoising) == (
+        (1.0, 0.5) if name == "teacher" else (0.0, 0.0))
     if name == "maskclip_plus":
         assert (cfg.seg.name, cfg.seg.pseudo_label_upsample, cfg.seg.ignore_padding) == (
             "seg_deeplabv2_r101", "bilinear", True)
