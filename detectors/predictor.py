@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,7 @@ class DetectorStudent:
         self.score_threshold = float(config.get("thresholds", {}).get("score", 0.3))
         self.vocabulary = vocabulary
         self.set_vocabulary(vocabulary)
-        self.typed = TypedNames(directory or Path(), config, vocabulary)
+        self.typed = TypedNames(directory, config, vocabulary)
         self.lock = threading.Lock()  # a vocabulary for one call is set on the shared model
 
     def set_vocabulary(self, vocabulary: Vocabulary | str | os.PathLike) -> None:

@@ -201,11 +201,13 @@ class TypedNames:
 
     CACHED = 32
 
-    def __init__(self, directory: str | os.PathLike, config: dict, vocabulary: Vocabulary,
+    def __init__(self, directory: str | os.PathLike | None, config: dict, vocabulary: Vocabulary,
                  onnx: bool = False) -> None:
         import threading
 
-        self.directory, self.onnx = Path(directory) / "text_encoder", onnx
+        # None: a student not loaded from an export directory (no text encoder to find)
+        self.directory = None if directory is None else Path(directory) / "text_encoder"
+        self.onnx = onnx
         trained = config.get("training_names")
         if trained is None:
             trained = [n for c, novel in zip(vocabulary.classes, vocabulary.novel, strict=True)
@@ -239,6 +241,9 @@ class TypedNames:
     def load(self):
         """The export's text encoder (loaded once)."""
         if self.encoder is None:
+            if self.directory is None:
+                raise ExportError("this student was not loaded from an export directory: "
+                                  "load it with load_student(<export>) to embed typed names")
             if not (self.directory / "config.json").is_file():
                 raise ExportError(f"{self.directory.parent}: this export carries no text "
                                   f"encoder to embed typed names; write it with "

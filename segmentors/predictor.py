@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ class SegmenterStudent:
         self.model, self.config = model.eval(), config
         self.threshold = float(config.get("thresholds", {}).get("pixel", 0.0))
         self.set_vocabulary(vocabulary)
-        self.typed = TypedNames(directory or Path(), config, vocabulary)
+        self.typed = TypedNames(directory, config, vocabulary)
         self.lock = threading.Lock()  # a vocabulary for one call is set on the shared model
 
     def set_vocabulary(self, vocabulary: Vocabulary | str | os.PathLike) -> None:
